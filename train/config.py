@@ -1,0 +1,500 @@
+"""Typed, frozen experiment configuration.
+
+A `Config` is six sections: `model` (what the network computes, including one config per
+token mixer in `model.mixers`), `data`, `optimizer`, `train` (the loop), and `runtime` (how it is
+computed: dtype, remat, op implementations, block sizes). Architecture never depends on runtime.
+
+Configs are plain frozen dataclasses. `from_dict` / `to_dict` convert to and from JSON-able dicts
+(mixer configs carry a `kind` tag), and `apply_overrides` applies `key.path=value` strings from the
+command line. Every error names the field and what is accepted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Mapping
+
+__all__ = [
+    "ConfigError", "MixerConfig", "AttentionConfig", "ModelConfig", "DataConfig", "MQARConfig",
+    "OptimizerConfig", "TrainConfig", "RuntimeConfig", "Config", "register_mixer_config",
+    "mixer_config_kinds", "from_dict", "to_dict", "apply_overrides", "replace",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or impossible."""
+
+
+# ----------------------------------------------------------------------------- mixer configs
+
+_MIXER_CONFIG_KINDS: dict[str, type["MixerConfig"]] = {}
+
+
+def register_mixer_config(cls):
+    """Class decorator: make a MixerConfig subclass loadable from JSON by its `kind`."""
+    _MIXER_CONFIG_KINDS[cls.kind] = cls
+    return cls
+
+
+def mixer_config_kinds() -> dict[str, type["MixerConfig"]]:
+    return dict(_MIXER_CONFIG_KINDS)
+
+
+@dataclass(frozen=True)
+class MixerConfig:
+    """Base of every token-mixer config. Subclasses set `kind` and validate in `check`."""
+    kind: ClassVar[str] = ""
+
+    def check(self, d_model: int, where: str) -> None:
+        """Raise ConfigError (naming `where`) when this mixer cannot run at width d_model."""
+
+
+@register_mixer_config
+@dataclass(frozen=True)
+class AttentionConfig(MixerConfig):
+    """Softmax attention: MHA (num_kv_heads == num_heads), GQA, or MQA (num_kv_heads == 1).
+
+    window: None for full causal attention, or W for sliding-window attention where a query
+        sees itself and the W - 1 tokens before it.
+    qk_norm: RMSNorm on q and k per head (Qwen3 / OLMo2 style) before RoPE.
+    logit_softcap: c * tanh(s / c) on the attention logits (Gemma 2 style), or None.
+    """
+    kind: ClassVar[str] = "attention"
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: same as num_heads
+    head_dim: int | None = None  # None: d_model // num_heads
+    window: int | None = None
+    qk_norm: bool = False
+    logit_softcap: float | None = None
+    rope_theta: float = 10_000.0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    def dim_per_head(self, d_model: int) -> int:
+        return self.head_dim if self.head_dim is not None else d_model // self.num_heads
+
+    def check(self, d_model: int, where: str) -> None:
+        if self.num_heads < 1:
+            raise ConfigError(f"{where}.num_heads must be >= 1, got {self.num_heads}")
+        if self.head_dim is None and d_model % self.num_heads:
+            raise ConfigError(
+                f"{where}.num_heads={self.num_heads} does not divide model.d_model={d_model}; "
+                f"choose a divisor of {d_model} or set {where}.head_dim")
+        if self.kv_heads < 1 or self.num_heads % self.kv_heads:
+            raise ConfigError(
+                f"{where}.num_kv_heads={self.num_kv_heads} must divide "
+                f"{where}.num_heads={self.num_heads} (1 = MQA, num_heads = MHA)")
+        hd = self.dim_per_head(d_model)
+        if hd % 2:
+            raise ConfigError(f"{where}: head dim {hd} must be even for RoPE")
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"{where}.window must be >= 1 or None (full attention), got {self.window}")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise ConfigError(f"{where}.logit_softcap must be > 0 or None, got {self.logit_softcap}")
+
+
+# Mixer names usable in ModelConfig.pattern without declaring them in ModelConfig.mixers.
+DEFAULT_MIXERS: dict[str, MixerConfig] = {
+    "attn": AttentionConfig(),
+    "swa": AttentionConfig(window=128),
+}
+
+
+# ----------------------------------------------------------------------------- sections
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only LM. `pattern` is one period of mixer names; layers cycle through it.
+
+    With num_layers = n * len(pattern) + r, the n full periods are scanned over (when `scan`)
+    and the first r names of the pattern follow as a remainder.
+    """
+    vocab_size: int | None = None  # None: take it from the tokenizer / task
+    d_model: int = 256
+    num_layers: int = 4
+    pattern: tuple[str, ...] = ("attn",)
+    mixers: Mapping[str, MixerConfig] = field(default_factory=dict)  # added to DEFAULT_MIXERS
+    mlp_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 64
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2), PaLM style; 0 disables
+    init_std: float = 0.02
+    scan: bool = True  # scan over periods (stacked params); False: a plain loop of layers
+
+    def mixer(self, name: str) -> MixerConfig:
+        if name in self.mixers:
+            return self.mixers[name]
+        if name in DEFAULT_MIXERS:
+            return DEFAULT_MIXERS[name]
+        known = sorted(set(self.mixers) | set(DEFAULT_MIXERS))
+        raise ConfigError(f"model.pattern names mixer {name!r}, which is not defined; "
+                          f"known mixers: {known}{_suggest(name, known)}")
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+    def layer_names(self) -> tuple[str, ...]:
+        p = self.pattern
+        return tuple(p[i % len(p)] for i in range(self.num_layers))
+
+    def check(self) -> None:
+        if self.d_model < 1 or self.num_layers < 1:
+            raise ConfigError("model.d_model and model.num_layers must be >= 1")
+        if not self.pattern:
+            raise ConfigError("model.pattern must name at least one mixer")
+        if self.vocab_size is not None and self.vocab_size < 2:
+            raise ConfigError(f"model.vocab_size must be >= 2 or None, got {self.vocab_size}")
+        for name, mc in self.mixers.items():
+            if not isinstance(mc, MixerConfig):
+                raise ConfigError(f"model.mixers[{name!r}] must be a MixerConfig, got {type(mc).__name__}")
+        for name in dict.fromkeys(self.pattern):
+            self.mixer(name).check(self.d_model, f"model.mixers.{name}")
+
+
+@dataclass(frozen=True)
+class MQARConfig:
+    """Multi-query associative recall (Zoology): key/value pairs, then queries of those keys.
+
+    Tokens: keys are drawn from [1, vocab/2), values from [vocab/2, vocab); 0 pads. Each query
+    key appears after the pairs at a gap drawn from a power law (exponent `power_a`), and the
+    model must predict its value: loss and accuracy count only those answer positions.
+    """
+    vocab_size: int = 8192
+    num_kv_pairs: int = 8
+    power_a: float = 0.01
+    num_train_examples: int = 100_000
+    num_eval_examples: int = 1_000
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from and how they are packed into [batch, seq_len] rows.
+
+    source:
+      stdlib  the Python standard library's own .py files (no download), split by file
+      mqar    synthetic multi-query associative recall (see MQARConfig)
+      files   local .txt / .jsonl files or directories in `paths` (JSONL: field `text_key`)
+      tfds    `tfds.data_source(tfds_name)` (array_record), feature `text_key`
+    tokenizer: "byte" (256 ids), or a path to a local tokenizer.json (HF tokenizers) or a
+      SentencePiece .model file.
+    """
+    source: Literal["stdlib", "mqar", "files", "tfds"] = "stdlib"
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per optimizer step (split over train.grad_accum micro-steps)
+    tokenizer: str = "byte"
+    paths: tuple[str, ...] = ()
+    text_key: str = "text"
+    val_fraction: float = 0.05  # stdlib / files: share of documents held out (by file hash)
+    tfds_name: str | None = None
+    tfds_data_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    mqar: MQARConfig = field(default_factory=MQARConfig)
+
+    def check(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.source == "files" and not self.paths:
+            raise ConfigError("data.source='files' needs data.paths (files or directories)")
+        if self.source == "tfds" and not self.tfds_name:
+            raise ConfigError("data.source='tfds' needs data.tfds_name")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.source == "mqar":
+            m = self.mqar
+            need = 2 * m.num_kv_pairs + 2 * m.num_kv_pairs
+            if self.seq_len < need:
+                raise ConfigError(f"data.seq_len={self.seq_len} is too short for "
+                                  f"data.mqar.num_kv_pairs={m.num_kv_pairs}; need >= {need}")
+            if m.vocab_size < 4 * m.num_kv_pairs:
+                raise ConfigError(f"data.mqar.vocab_size={m.vocab_size} must be >= "
+                                  f"4 * num_kv_pairs = {4 * m.num_kv_pairs}")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup then `schedule`: cosine to min_lr_ratio * lr, warmup-stable-decay
+    (constant, then a linear decay over the last `decay_fraction` of training), or constant."""
+    lr: float = 3e-3
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0  # global-norm clipping; None disables
+
+    def check(self, steps: int) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_steps <= steps:
+            raise ConfigError(f"optimizer.warmup_steps={self.warmup_steps} must be in [0, train.steps={steps}]")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optimizer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"optimizer.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"optimizer.grad_clip must be > 0 or None, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    grad_accum: int = 1  # micro-batches per step; data.batch_size must divide evenly
+    log_every: int = 10
+    eval_every: int = 200  # 0 disables periodic eval (a final eval still runs)
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+
+    def check(self, batch_size: int) -> None:
+        for name in ("steps", "grad_accum", "log_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
+        if batch_size % self.grad_accum:
+            raise ConfigError(f"train.grad_accum={self.grad_accum} must divide data.batch_size={batch_size}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the model is computed; never what it computes.
+
+    compute_dtype: "auto" is bfloat16 on GPU/TPU and float32 on CPU. Params stay float32.
+    remat: what the backward pass recomputes per layer: "none" (save everything), "full"
+      (save only layer inputs), "dots" (save matmul outputs), "dots_no_batch" (save matmuls
+      without batch dims, i.e. weight matmuls, recompute attention).
+    attention_impl: None tries the best implementation for the platform; "xla" or "reference"
+      forces one (and fails loudly if it cannot serve a call).
+    """
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    attention_impl: Literal["xla", "reference"] | None = None
+    attention_block_q: int = 128
+    attention_block_k: int = 128
+
+    def check(self) -> None:
+        for name in ("attention_block_q", "attention_block_k"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ConfigError(f"runtime.{name} must be a power of two, got {v}")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "unnamed"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self):
+        self.model.check()
+        self.data.check()
+        self.optimizer.check(self.train.steps)
+        self.train.check(self.data.batch_size)
+        self.runtime.check()
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check / coerce a JSON-like `value` to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not accepted; choose one of {list(args)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        elem = args[0] if args else Any
+        return tuple(_convert(v, elem, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict, typing.get_origin(Mapping[str, int])):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and issubclass(tp, MixerConfig):
+        if isinstance(value, MixerConfig):
+            return value
+        if not isinstance(value, Mapping) or "kind" not in value:
+            raise ConfigError(f"{where}: a mixer config needs a 'kind' among {sorted(_MIXER_CONFIG_KINDS)}")
+        kind = value["kind"]
+        if kind not in _MIXER_CONFIG_KINDS:
+            raise ConfigError(f"{where}.kind={kind!r} is not registered; known kinds: "
+                              f"{sorted(_MIXER_CONFIG_KINDS)}{_suggest(kind, _MIXER_CONFIG_KINDS)}")
+        return from_dict(_MIXER_CONFIG_KINDS[kind], {k: v for k, v in value.items() if k != "kind"}, where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected a bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")
+
+
+def _fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def from_dict(cls, data: Mapping[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a (possibly partial) mapping, checking every key and type."""
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key {path!r}{_suggest(key, fields)}; "
+                              f"accepted: {sorted(fields)}")
+        kwargs[key] = _convert(value, fields[key][1], path)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """JSON-able nested dict; mixer configs carry their `kind`."""
+    if isinstance(obj, MixerConfig):
+        return {"kind": obj.kind, **{f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def replace(cfg: Config, **sections) -> Config:
+    """dataclasses.replace that re-runs validation (frozen configs validate in __post_init__)."""
+    return dataclasses.replace(cfg, **sections)
+
+
+def _parse_literal(text: str) -> Any:
+    """Command-line values: JSON when it parses (numbers, true/false, null, lists), else a string."""
+    if text in ("None", "none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _set_path(obj: Any, keys: list[str], raw: str, where: str) -> Any:
+    """Return a copy of `obj` (a dataclass or a mixers mapping) with keys[...] set from `raw`."""
+    key, rest = keys[0], keys[1:]
+    path = f"{where}.{key}" if where else key
+    if isinstance(obj, Mapping):  # model.mixers.<name>...
+        if not rest:
+            raise ConfigError(f"{path}: set a field of the mixer, e.g. {path}.window=256")
+        base = obj.get(key) or DEFAULT_MIXERS.get(key)
+        if base is None:
+            raise ConfigError(f"{path}: no mixer named {key!r}; known: "
+                              f"{sorted(set(obj) | set(DEFAULT_MIXERS))}{_suggest(key, set(obj) | set(DEFAULT_MIXERS))}")
+        return {**obj, key: _set_path(base, rest, raw, path)}
+    fields = _fields(type(obj))
+    if key not in fields:
+        raise ConfigError(f"unknown config key {path!r}{_suggest(key, fields)}; accepted: {sorted(fields)}")
+    tp = fields[key][1]
+    if rest:
+        new = _set_path(getattr(obj, key), rest, raw, path)
+    else:
+        new = _convert(_parse_literal(raw), tp, path)
+    return dataclasses.replace(obj, **{key: new}) if not isinstance(obj, Config) else _replace_unchecked(obj, key, new)
+
+
+def _replace_unchecked(cfg: Config, key: str, value: Any) -> Config:
+    # Overrides of a whole Config are applied one by one; cross-section validation (for example
+    # grad_accum dividing batch_size) must see all of them, so it runs once in apply_overrides.
+    new = object.__new__(Config)
+    for f in dataclasses.fields(Config):
+        object.__setattr__(new, f.name, value if f.name == key else getattr(cfg, f.name))
+    return new
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `a.b.c=value` strings in order, then validate the result as a whole."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        path, raw = item.split("=", 1)
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"override {item!r} has an empty key")
+        cfg = _set_path(cfg, keys, raw.strip(), "")
+    return Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)})
