@@ -1,0 +1,43 @@
+"""A KV cache for softmax attention, optionally a ring buffer (sliding window).
+
+The cache stores, per slot, k/v plus the segment id and position of the token held there
+(segment 0 = empty). Attention masks by positions and segments only, so slot order does not
+matter and a sliding-window layer needs just `window` slots, overwritten in ring order.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def init_kv_cache(batch: int, size: int, kv_heads: int, head_dim: int, dtype) -> dict:
+    """Empty cache: k, v [B, S, Hkv, D]; segment_ids, positions [B, S]; index () next write."""
+    return {
+        "k": jnp.zeros((batch, size, kv_heads, head_dim), dtype),
+        "v": jnp.zeros((batch, size, kv_heads, head_dim), dtype),
+        "segment_ids": jnp.zeros((batch, size), jnp.int32),
+        "positions": jnp.zeros((batch, size), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def kv_cache_update(cache: dict, k, v, segment_ids, positions):
+    """Append T new tokens. Returns (keys to attend to, new cache).
+
+    k, v: [B, T, Hkv, D]; segment_ids, positions: [B, T]. The keys to attend to are the old
+    cache followed by the new tokens ([B, S + T, ...]), so a prefill longer than a ring buffer
+    still sees all of its own tokens; the new cache keeps the last S of them.
+    """
+    size = cache["k"].shape[1]
+    t = k.shape[1]
+    keys = {
+        "k": jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1),
+        "v": jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1),
+        "segment_ids": jnp.concatenate([cache["segment_ids"], segment_ids.astype(jnp.int32)], axis=1),
+        "positions": jnp.concatenate([cache["positions"], positions.astype(jnp.int32)], axis=1),
+    }
+    keep = min(t, size)  # only the last `size` new tokens can survive in the cache
+    slots = (cache["index"] + (t - keep) + jnp.arange(keep)) % size
+    new = {name: cache[name].at[:, slots].set(keys[name][:, -keep:]) for name in keys}
+    new["index"] = cache["index"] + t
+    return keys, new

@@ -1,0 +1,114 @@
+"""Softmax attention: the one entry point the model calls.
+
+    from pallas_kernels.attention.api import attention
+    out = attention(q, k, v, segment_ids=seg, positions=pos)                    # training
+    out = attention(q_new, k_cache, v_cache, segment_ids=seg_new, positions=pos_new,
+                    kv_segment_ids=cache_seg, kv_positions=cache_pos)           # decode
+
+Implementations ("xla": blocked, memory-efficient; "reference": dense) are chosen by
+`pallas_kernels.dispatch`; `dispatch.describe("attention")` says which one served the latest call.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import dispatch
+from pallas_kernels.attention import reference, xla
+
+OP = "attention"
+
+dispatch.register(OP, "xla", xla.attention)
+dispatch.register(OP, "reference", reference.attention)
+# Pallas kernels will go first on GPU/TPU once they exist.
+dispatch.set_order(OP, ("xla", "reference"))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+              segment_ids: jax.Array, positions: jax.Array,
+              kv_segment_ids: jax.Array | None = None, kv_positions: jax.Array | None = None,
+              window: int | None = None, logit_softcap: float | None = None,
+              scale: float | None = None, implementation: str | None = None,
+              block_q: int = 128, block_k: int = 128) -> jax.Array:
+    """Causal softmax attention over packed documents, for training, prefill and decode.
+
+    Args:
+      q: [B, Tq, H, D] queries.
+      k, v: [B, Tk, K, D] keys and values, H % K == 0 (MHA: K == H, GQA, MQA: K == 1).
+        Query head h uses kv head h // (H // K).
+      segment_ids, positions: int [B, Tq] for the queries. Segment 0 is padding.
+      kv_segment_ids, kv_positions: int [B, Tk] for the keys. None (both): k/v are the query
+        tokens themselves (self-attention, Tk == Tq). Give them for a KV cache, whose slots may
+        be in any order (ring buffer); empty slots have segment 0.
+      window: None, or W >= 1: a query sees keys at positions (pos - W, pos].
+      logit_softcap: None, or c > 0: logits s -> c * tanh(s / c) before masking.
+      scale: logit scale, default 1 / sqrt(D).
+      implementation: None (best available for the platform, with fallback), "xla" or
+        "reference" (no fallback: a refusal raises NotImplementedError).
+      block_q, block_k: query / key block sizes of blocked implementations (shrunk to the
+        sequence when it is shorter).
+
+    Key j is visible to query i iff seg_q[i] == seg_k[j] != 0, pos_k[j] <= pos_q[i] and
+    pos_q[i] - pos_k[j] < window. In self-attention, positions must strictly increase along
+    each document (the blocked path skips blocks by index). Scores, softmax statistics and
+    accumulation are float32. A query without any visible key returns exactly 0.
+
+    Returns:
+      [B, Tq, H, D] in q.dtype.
+    """
+    _check(q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
+           logit_softcap, block_q, block_k)
+    self_attention = kv_segment_ids is None
+    if self_attention:
+        kv_segment_ids, kv_positions = segment_ids, positions
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    window = None if window is None else int(window)
+    logit_softcap = None if logit_softcap is None else float(logit_softcap)
+    signature = dispatch.signature(
+        q=q, k=k, v=v, self_attention=self_attention, window=window,
+        logit_softcap=logit_softcap, block_q=block_q, block_k=block_k)
+    return dispatch.call(
+        OP, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions,
+        implementation=implementation, signature=signature, window=window,
+        logit_softcap=logit_softcap, scale=scale, index_causal=self_attention,
+        block_q=int(block_q), block_k=int(block_k))
+
+
+def _check(q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
+           logit_softcap, block_q, block_k) -> None:
+    """Raise ValueError naming the argument when shapes or options are impossible."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, T, heads, D]; got shapes {q.shape}, {k.shape}, {v.shape}")
+    b, tq, h, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {k.shape} and {v.shape}")
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k/v {k.shape} must match q {q.shape} in batch and head dim")
+    if h % k.shape[2]:
+        raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({h})")
+    if tq == 0 or k.shape[1] == 0:
+        raise ValueError(f"empty sequence: q {q.shape}, k {k.shape}")
+    for name, x in (("segment_ids", segment_ids), ("positions", positions)):
+        if x.shape != (b, tq) or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be int [B, Tq] = [{b}, {tq}]; got {x.dtype}{list(x.shape)}")
+    if (kv_segment_ids is None) != (kv_positions is None):
+        raise ValueError("give both kv_segment_ids and kv_positions, or neither (self-attention)")
+    if kv_segment_ids is None:
+        if k.shape[1] != tq:
+            raise ValueError(
+                f"self-attention (no kv ids) needs Tk == Tq; got Tk={k.shape[1]}, Tq={tq}; "
+                f"pass kv_segment_ids/kv_positions for a KV cache")
+    else:
+        tk = k.shape[1]
+        for name, x in (("kv_segment_ids", kv_segment_ids), ("kv_positions", kv_positions)):
+            if x.shape != (b, tk) or not jnp.issubdtype(x.dtype, jnp.integer):
+                raise ValueError(f"{name} must be int [B, Tk] = [{b}, {tk}]; got {x.dtype}{list(x.shape)}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
+    for name, blk in (("block_q", block_q), ("block_k", block_k)):
+        if int(blk) != blk or blk < 1:
+            raise ValueError(f"{name} must be a positive integer, got {blk}")

@@ -1,0 +1,315 @@
+"""Blocked (flash-attention style) softmax attention in pure JAX, for any XLA backend.
+
+No [Tq, Tk] array exists at any point, forward or backward: the forward pass runs an online
+softmax over KV blocks and saves only the output and the log-sum-exp of each query; the backward
+pass (`jax.custom_vjp`) recomputes the probabilities block by block, once in a dq pass (query
+blocks outside, KV blocks inside) and once in a dk/dv pass (KV blocks outside, query blocks
+inside).
+
+Dimension letters: B batch, T time, H query heads, K kv heads, G = H // K query heads per kv
+head, D head dim, nq/nk number of query/KV blocks, bq/bk block sizes, R = G * bq rows of one
+query block (the G heads sharing a kv head are stacked as rows of one matmul, so GQA/MQA never
+repeat k or v in memory).
+
+Layout (perf_anchor.md section 3: transposes of big tensors dominated XLA:CPU): q/k/v are
+transposed once, outside the loops, to block-major [nq, B, K, R, D] / [nk, B, K, bk, D] so that a
+block is a contiguous leading-axis slice and every matmul in the loops has its batch dims (B, K)
+leading and contracts D or a block axis in place. The dk/dv pass computes the scores directly
+transposed (keys as rows) for the same reason, instead of transposing probability blocks.
+
+Block skipping: for self-attention (`index_causal=True`) a query block visits only the KV blocks
+that can hold visible keys by *index*: none after its last query, and with a window W none ending
+W or more indices before its first query. This is valid because inside a packed row positions
+strictly increase with the index within each document (so position gaps are at least index gaps)
+and other documents are masked anyway. With explicit KV ids (decode, ring-buffer caches) index
+order means nothing, so every KV block is visited and the mask alone decides.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.attention import masking
+
+_F32 = jnp.float32
+# Floor of the running max: finite, so exp(m_old - m_new) stays finite while every key seen so
+# far was masked (masked logits are -inf, and exp(-inf - floor) = 0 exactly).
+_M_FLOOR = -1e30
+_SUPPORTED = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+class _Static(NamedTuple):
+    """Hashable options of one call (a nondiff argument of the custom_vjp)."""
+    block_q: int
+    block_k: int
+    groups: int
+    index_causal: bool
+    window: int | None
+    logit_softcap: float | None
+    scale: float
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array,
+              q_segment_ids: jax.Array, q_positions: jax.Array,
+              kv_segment_ids: jax.Array, kv_positions: jax.Array, *,
+              window: int | None, logit_softcap: float | None, scale: float,
+              index_causal: bool, block_q: int, block_k: int) -> jax.Array:
+    """Blocked attention, same contract as `reference.attention`.
+
+    q: [B, Tq, H, D]; k, v: [B, Tk, K, D]; ids/positions int [B, Tq] and [B, Tk].
+    index_causal: k/v are the query tokens themselves (Tk == Tq), so blocks can be skipped by
+    index (see the module docstring). Returns [B, Tq, H, D] in q.dtype.
+    """
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    if dtype not in _SUPPORTED:
+        raise NotImplementedError(f"dtype {dtype} (supported: float32, bfloat16, float16)")
+    b, tq, h, d = q.shape
+    tk, kv_heads = k.shape[1], k.shape[2]
+    # Blocks shrink to the sequence when it is shorter (decode: bq = 1).
+    bq, bk = min(block_q, tq), min(block_k, tk)
+    cfg = _Static(bq, bk, h // kv_heads, bool(index_causal), window, logit_softcap, float(scale))
+
+    qb = _q_blocks(q.astype(dtype), kv_heads, bq)
+    kb, vb = _kv_blocks(k.astype(dtype), bk), _kv_blocks(v.astype(dtype), bk)
+    qs, qp = _id_blocks(q_segment_ids, bq), _id_blocks(q_positions, bq)
+    ks, kp = _id_blocks(kv_segment_ids, bk), _id_blocks(kv_positions, bk)
+    out = _flash(cfg, qb, kb, vb, qs, qp, ks, kp)
+    return _from_q_blocks(out, tq, h).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- layout
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad_time(x: jax.Array, block: int) -> jax.Array:
+    """Pad axis 1 with zeros to a multiple of `block` (segment id 0 = padding)."""
+    pad = _round_up(x.shape[1], block) - x.shape[1]
+    if pad == 0:
+        return x
+    return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+
+def _q_blocks(q: jax.Array, kv_heads: int, bq: int) -> jax.Array:
+    """[B, Tq, H, D] -> [nq, B, K, G*bq, D]: one transpose, rows ordered (g, t)."""
+    q = _pad_time(q, bq)
+    b, t, h, d = q.shape
+    g = h // kv_heads
+    q = q.reshape(b, t // bq, bq, kv_heads, g, d).transpose(1, 0, 3, 4, 2, 5)
+    return q.reshape(t // bq, b, kv_heads, g * bq, d)
+
+
+def _from_q_blocks(o: jax.Array, tq: int, h: int) -> jax.Array:
+    """[nq, B, K, G*bq, D] -> [B, Tq, H, D] (inverse of `_q_blocks`, padding dropped)."""
+    nq, b, kv_heads, r, d = o.shape
+    g = h // kv_heads
+    o = o.reshape(nq, b, kv_heads, g, r // g, d).transpose(1, 0, 4, 2, 3, 5)
+    return o.reshape(b, nq * (r // g), h, d)[:, :tq]
+
+
+def _kv_blocks(x: jax.Array, bk: int) -> jax.Array:
+    """[B, Tk, K, D] -> [nk, B, K, bk, D]."""
+    x = _pad_time(x, bk)
+    b, t, kv_heads, d = x.shape
+    return x.reshape(b, t // bk, bk, kv_heads, d).transpose(1, 0, 3, 2, 4)
+
+
+def _id_blocks(x: jax.Array, block: int) -> jax.Array:
+    """[B, T] -> int32 [n, B, block]."""
+    x = _pad_time(x.astype(jnp.int32), block)
+    b, t = x.shape
+    return x.reshape(b, t // block, block).transpose(1, 0, 2)
+
+
+# ----------------------------------------------------------------------------- block math
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """Batched matmul over the leading (B, K) dims, float32 result, inputs in their dtype."""
+    dims = (((contract[0],), (contract[1],)), ((0, 1), (0, 1)))
+    return lax.dot_general(a, b, dims, preferred_element_type=_F32)
+
+
+def _logits(cfg: _Static, s: jax.Array, mask: jax.Array):
+    """Scale, soft-cap and mask raw q.k scores. Returns (masked logits, tanh or None).
+
+    The tanh is returned for the backward pass: d(c*tanh(x/c))/dx = 1 - tanh^2.
+    """
+    s = s * cfg.scale
+    t = None
+    if cfg.logit_softcap is not None:
+        t = jnp.tanh(s / cfg.logit_softcap)
+        s = cfg.logit_softcap * t
+    return jnp.where(mask, s, -jnp.inf), t
+
+
+def _mask(cfg: _Static, seg_q, pos_q, seg_k, pos_k) -> jax.Array:
+    """Query-major block mask: [B, bq] x [B, bk] ids -> bool [B, 1, 1, bq, bk]."""
+    m = masking.visible(seg_q[:, :, None], pos_q[:, :, None],
+                        seg_k[:, None, :], pos_k[:, None, :], cfg.window)
+    return m[:, None, None]
+
+
+def _mask_t(cfg: _Static, seg_q, pos_q, seg_k, pos_k) -> jax.Array:
+    """Key-major block mask: -> bool [B, 1, bk, 1, bq]."""
+    m = masking.visible(seg_q[:, None, :], pos_q[:, None, :],
+                        seg_k[:, :, None], pos_k[:, :, None], cfg.window)
+    return m[:, None, :, None]
+
+
+def _kv_range(cfg: _Static, i, nk: int):
+    """KV blocks [lo, hi) that query block i must visit."""
+    if not cfg.index_causal:
+        return 0, nk
+    hi = jnp.minimum(nk, ((i + 1) * cfg.block_q - 1) // cfg.block_k + 1)
+    lo = 0
+    if cfg.window is not None:
+        lo = jnp.maximum(0, i * cfg.block_q - cfg.window + 1) // cfg.block_k
+    return lo, hi
+
+
+def _q_range(cfg: _Static, j, nq: int):
+    """Query blocks [lo, hi) that can see some key of KV block j (transpose of `_kv_range`)."""
+    if not cfg.index_causal:
+        return 0, nq
+    lo = (j * cfg.block_k) // cfg.block_q
+    hi = nq
+    if cfg.window is not None:
+        hi = jnp.minimum(nq, ((j + 1) * cfg.block_k - 1 + cfg.window - 1) // cfg.block_q + 1)
+    return lo, hi
+
+
+# ----------------------------------------------------------------------------- passes
+
+def _forward(cfg: _Static, qb, kb, vb, qs, qp, ks, kp):
+    """Online softmax. Returns out [nq, B, K, R, D] (input dtype) and lse [nq, B, K, G, bq]."""
+    nq, b, kv_heads, r, d = qb.shape
+    nk, bk = kb.shape[0], kb.shape[3]
+    g, bq = cfg.groups, cfg.block_q
+
+    def q_block(i):
+        q_i, seg_i, pos_i = qb[i], qs[i], qp[i]
+        lo, hi = _kv_range(cfg, i, nk)
+
+        def step(j, carry):
+            m, l, acc = carry
+            mask = _mask(cfg, seg_i, pos_i, ks[j], kp[j])
+            s = _dot(q_i, kb[j], (3, 3)).reshape(b, kv_heads, g, bq, bk)
+            s, _ = _logits(cfg, s, mask)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            alpha = jnp.exp(m - m_new)
+            l = alpha * l + p.sum(axis=-1)
+            pv = _dot(p.reshape(b, kv_heads, r, bk).astype(vb.dtype), vb[j], (3, 2))
+            acc = acc * alpha.reshape(b, kv_heads, r, 1) + pv
+            return m_new, l, acc
+
+        init = (jnp.full((b, kv_heads, g, bq), _M_FLOOR, _F32),
+                jnp.zeros((b, kv_heads, g, bq), _F32),
+                jnp.zeros((b, kv_heads, r, d), _F32))
+        m, l, acc = lax.fori_loop(lo, hi, step, init)
+        seen = l > 0  # False for queries without any visible key (padding): output 0
+        inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
+        out = (acc * inv.reshape(b, kv_heads, r, 1)).astype(qb.dtype)
+        # Any finite lse works for unseen rows: their logits are -inf, so p = 0 in backward.
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        return out, lse
+
+    return lax.map(q_block, jnp.arange(nq))
+
+
+def _backward_dq(cfg: _Static, qb, kb, vb, qs, qp, ks, kp, dob, lse, delta):
+    """dq [nq, B, K, R, D] (f32): query blocks outside, their KV blocks inside."""
+    nq, b, kv_heads, r, d = qb.shape
+    nk, bk = kb.shape[0], kb.shape[3]
+    g, bq = cfg.groups, cfg.block_q
+
+    def q_block(i):
+        q_i, do_i, seg_i, pos_i = qb[i], dob[i], qs[i], qp[i]
+        lse_i, delta_i = lse[i][..., None], delta[i][..., None]  # [B, K, G, bq, 1]
+        lo, hi = _kv_range(cfg, i, nk)
+
+        def step(j, dq):
+            mask = _mask(cfg, seg_i, pos_i, ks[j], kp[j])
+            s = _dot(q_i, kb[j], (3, 3)).reshape(b, kv_heads, g, bq, bk)
+            s, t = _logits(cfg, s, mask)
+            p = jnp.exp(s - lse_i)
+            dp = _dot(do_i, vb[j], (3, 3)).reshape(b, kv_heads, g, bq, bk)
+            ds = p * (dp - delta_i)
+            if t is not None:
+                ds = ds * (1.0 - t * t)
+            ds = ds.reshape(b, kv_heads, r, bk).astype(kb.dtype)
+            return dq + _dot(ds, kb[j], (3, 2))
+
+        dq = lax.fori_loop(lo, hi, step, jnp.zeros((b, kv_heads, r, d), _F32))
+        return (dq * cfg.scale).astype(qb.dtype)
+
+    return lax.map(q_block, jnp.arange(nq))
+
+
+def _backward_dkv(cfg: _Static, qb, kb, vb, qs, qp, ks, kp, dob, lse, delta):
+    """dk, dv [nk, B, K, bk, D]: KV blocks outside, the query blocks that see them inside.
+
+    Scores are computed key-major ([B, K, bk, R], keys as rows) so that p^T @ dO and ds^T @ q
+    are plain matmuls without transposing a probability block.
+    """
+    nq, b, kv_heads, r, d = qb.shape
+    nk, bk = kb.shape[0], kb.shape[3]
+    g, bq = cfg.groups, cfg.block_q
+
+    def kv_block(j):
+        k_j, v_j, seg_j, pos_j = kb[j], vb[j], ks[j], kp[j]
+        lo, hi = _q_range(cfg, j, nq)
+
+        def step(i, carry):
+            dk, dv = carry
+            q_i, do_i = qb[i], dob[i]
+            mask = _mask_t(cfg, qs[i], qp[i], seg_j, pos_j)
+            s = _dot(k_j, q_i, (3, 3)).reshape(b, kv_heads, bk, g, bq)
+            s, t = _logits(cfg, s, mask)
+            p = jnp.exp(s - lse[i][:, :, None])  # lse [B, K, G, bq] -> [B, K, 1, G, bq]
+            dv = dv + _dot(p.reshape(b, kv_heads, bk, r).astype(dob.dtype), do_i, (3, 2))
+            dp = _dot(v_j, do_i, (3, 3)).reshape(b, kv_heads, bk, g, bq)
+            ds = p * (dp - delta[i][:, :, None])
+            if t is not None:
+                ds = ds * (1.0 - t * t)
+            ds = ds.reshape(b, kv_heads, bk, r).astype(qb.dtype)
+            return dk + _dot(ds, q_i, (3, 2)), dv
+
+        zeros = jnp.zeros((b, kv_heads, bk, d), _F32)
+        dk, dv = lax.fori_loop(lo, hi, step, (zeros, zeros))
+        return (dk * cfg.scale).astype(kb.dtype), dv.astype(vb.dtype)
+
+    return lax.map(kv_block, jnp.arange(nk))
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg, qb, kb, vb, qs, qp, ks, kp):
+    return _forward(cfg, qb, kb, vb, qs, qp, ks, kp)[0]
+
+
+def _flash_fwd(cfg, qb, kb, vb, qs, qp, ks, kp):
+    out, lse = _forward(cfg, qb, kb, vb, qs, qp, ks, kp)
+    return out, (qb, kb, vb, qs, qp, ks, kp, out, lse)
+
+
+def _flash_bwd(cfg, res, dout):
+    qb, kb, vb, qs, qp, ks, kp, out, lse = res
+    nq, b, kv_heads, r, d = qb.shape
+    # delta_i = sum_d dO_i * O_i = sum_j p_ij dp_ij: the softmax Jacobian's rank-one term.
+    delta = (dout.astype(_F32) * out.astype(_F32)).sum(-1)
+    delta = delta.reshape(nq, b, kv_heads, cfg.groups, cfg.block_q)
+    dob = dout.astype(qb.dtype)
+    args = (cfg, qb, kb, vb, qs, qp, ks, kp, dob, lse, delta)
+    dq = _backward_dq(*args)
+    dk, dv = _backward_dkv(*args)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

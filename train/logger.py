@@ -1,0 +1,80 @@
+"""Run logging: JSONL (metrics.jsonl), TensorBoard (tb/), and a console progress bar with ETA.
+
+The progress bar (rich) is drawn only on a terminal; elsewhere (CI, redirected output) every
+`log_every` step prints one plain line, so logs stay readable in files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from tensorboardX import SummaryWriter
+
+log = logging.getLogger("chimera.train")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, *, tensorboard: bool = True):
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.tb = SummaryWriter(str(run_dir / "tb")) if tensorboard else None
+        self.total = total_steps
+        self.console = Console(stderr=True)
+        self.interactive = self.console.is_terminal
+        self.progress = None
+        self._t0, self._s0 = time.perf_counter(), start_step
+        if self.interactive:
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                     TextColumn("eta"), TimeRemainingColumn(), console=self.console)
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
+            self.progress.start()
+
+    def write(self, kind: str, step: int, metrics: dict) -> None:
+        """Append one record to metrics.jsonl and TensorBoard under `kind/` (train, eval, ...)."""
+        record = {"kind": kind, "step": step, "time": time.time(), **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def eta_seconds(self, step: int) -> float:
+        done = step - self._s0
+        if done <= 0:
+            return float("nan")
+        return (time.perf_counter() - self._t0) / done * (self.total - step)
+
+    def console_line(self, kind: str, step: int, metrics: dict, keys: tuple[str, ...]) -> None:
+        text = " ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics)
+        if kind == "train" and self.progress is not None:
+            self.progress.update(self.task, completed=step, status=text)
+            return
+        eta = self.eta_seconds(step) if kind == "train" else float("nan")
+        eta_s = f" eta={eta:.0f}s" if eta == eta else ""
+        line = f"[{kind} {step}/{self.total}] {text}{eta_s}"
+        if self.progress is not None:
+            self.progress.console.print(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def advance(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.tb is not None:
+            self.tb.close()
+        self.jsonl.close()

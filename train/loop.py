@@ -1,0 +1,222 @@
+"""The pretraining loop: build everything from a Config, resume, train, evaluate, checkpoint.
+
+    summary = run(cfg, run_dir)
+
+The run directory holds config.json (the resolved config), train.log, metrics.jsonl, tb/
+(TensorBoard), checkpoints/<step>/ and summary.json. Starting again on the same directory
+resumes from the newest readable checkpoint, restoring params, optimizer state, step, RNG and
+the data iterator, so the loss trajectory continues exactly as if never interrupted (on CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import models
+from train.checkpoint import Checkpointer, abstract_like
+from train.config import Config, ConfigError, from_dict, to_dict
+from train.data import get_tokenizer, make_eval_batches, make_train_iterator, task_vocab_size
+from train.logger import RunLogger
+from train.metrics import Throughput, peak_flops
+from train.optim import make_optimizer
+from train.step import make_eval_step, make_train_step, init_state
+
+log = logging.getLogger("chimera.train")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm stopped being finite; the run was stopped."""
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill what the config leaves to the data (model.vocab_size) and check they agree."""
+    vocab = task_vocab_size(cfg.data)
+    if cfg.model.vocab_size is None:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    if cfg.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
+                          f"vocabulary ({vocab}, from data.tokenizer / data.source); raise it or leave it None")
+    return cfg
+
+
+def _check_resume_config(run_dir: Path, cfg: Config) -> None:
+    """A run directory may be resumed with other train/runtime settings, but not another model,
+    data or optimizer: that would silently train something else from the checkpoint."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    old = from_dict(Config, json.loads(path.read_text()))
+    for section in ("model", "data", "optimizer"):
+        a, b = to_dict(getattr(old, section)), to_dict(getattr(cfg, section))
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            raise ConfigError(f"{run_dir} holds a run with a different {section} config "
+                              f"(fields {', '.join(f'{section}.{k}' for k in diff)}); "
+                              "use another --run-dir or the same settings")
+
+
+def _setup_logging(run_dir: Path) -> None:
+    root = logging.getLogger("chimera")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_chimera", False):
+            root.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    for h in (logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")):
+        h.setFormatter(fmt)
+        h._chimera = True
+        root.addHandler(h)
+    root.propagate = False
+
+
+def evaluate(eval_step, params, batches, token_bytes) -> dict[str, float]:
+    """Loss, perplexity, bits per byte and next-token (for MQAR: answer) accuracy."""
+    sums = {"ce_sum": 0.0, "tokens": 0.0, "correct": 0.0, "bytes": 0.0}
+    for batch in batches:
+        out = jax.device_get(eval_step(params, batch, token_bytes))
+        for k in sums:
+            sums[k] += float(out[k])
+    tokens = max(sums["tokens"], 1.0)
+    loss = sums["ce_sum"] / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": sums["ce_sum"] / math.log(2) / max(sums["bytes"], 1.0),
+            "accuracy": sums["correct"] / tokens, "tokens": sums["tokens"]}
+
+
+class _StopSignal:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits at the next step."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run(cfg: Config, run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(run_dir)
+    cfg = resolve(cfg)
+    _check_resume_config(run_dir, cfg)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    tc = cfg.train
+    log.info("run %s in %s on %s (%d device(s)), jax %s", cfg.name, run_dir.absolute(),
+             jax.devices()[0].device_kind, jax.device_count(), jax.__version__)
+
+    tokenizer = get_tokenizer(cfg.data)
+    tokenizer.save(run_dir)
+    model = models.build(cfg.model, cfg.runtime, seed=tc.seed)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    log.info("model: %s params, d_model=%d, %d layers, pattern %s, compute dtype %s",
+             f"{n_params:,}", cfg.model.d_model, cfg.model.num_layers, "/".join(cfg.model.pattern),
+             jnp.dtype(model.dtype).name)
+    for i, block in enumerate(model.layers()):
+        log.info("  layer %2d %-8s %s", i, block.name, block.mixer.describe())
+    flops = models.flops_per_token(cfg.model, cfg.data.seq_len)
+    flops_total = sum(flops.values())
+    log.info("training FLOPs/token: %.3g (%s)", flops_total,
+             ", ".join(f"{k} {v / flops_total:.0%}" for k, v in flops.items()))
+
+    tx, schedule = make_optimizer(cfg.optimizer, tc.steps)
+    graphdef, state = init_state(model, tx, tc.seed)
+    del model
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
+    train_iter = make_train_iterator(cfg.data, seed=tc.seed)
+    restored = ckpt.restore_latest(abstract_like(state))
+    if restored is not None:
+        step0, state, data_state = restored
+        train_iter.set_state(data_state)
+        log.info("resumed from checkpoint step %d", step0)
+    step = int(state["step"])
+    eval_batches = make_eval_batches(cfg.data, tc.eval_batches)
+    token_bytes = jnp.asarray(tokenizer.token_bytes if cfg.data.source != "mqar"
+                              else np.ones(cfg.model.vocab_size, np.int32))
+    train_step = make_train_step(graphdef, tx, schedule, grad_accum=tc.grad_accum, z_loss=cfg.model.z_loss)
+    eval_step = make_eval_step(graphdef)
+    peak, peak_src = peak_flops(models.resolve_dtype(cfg.runtime))
+    log.info("MFU peak: %.3g FLOP/s per device (%s)", peak, peak_src)
+    meter = Throughput(flops_total, peak, jax.device_count())
+    logger = RunLogger(run_dir, tc.steps, step)
+    last_saved = step if restored is not None else None
+    summary: dict = {}
+
+    def save(at: int) -> None:
+        nonlocal last_saved
+        if last_saved != at:
+            ckpt.save(at, state, train_iter.get_state())
+            last_saved = at
+
+    try:
+        with _StopSignal() as stop:
+            t_start = time.perf_counter()
+            while step < tc.steps:
+                batch = next(train_iter)
+                state, m = train_step(state, batch)
+                m = jax.device_get(m)
+                if not bool(m["finite"]):
+                    ckpt.wait()
+                    good = ckpt.steps()
+                    raise NonFiniteError(
+                        f"step {step + 1}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not "
+                        f"finite; the run stopped without applying this update. Last good checkpoint: "
+                        f"{f'step {good[-1]} in {ckpt.directory}' if good else 'none'}. Lower optimizer.lr, "
+                        "set optimizer.grad_clip, or use runtime.compute_dtype=float32.")
+                step += 1
+                meter.add(int(batch["inputs"].size))
+                if step == 1 or step % tc.log_every == 0 or step == tc.steps:
+                    rec = {k: float(m[k]) for k in ("loss", "ce", "accuracy", "grad_norm", "lr")}
+                    rec.update(meter.report())
+                    logger.write("train", step, rec)
+                    logger.console_line("train", step, rec, ("loss", "grad_norm", "lr", "tokens_per_s", "mfu"))
+                else:
+                    logger.advance(step)
+                if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                    ev = evaluate(eval_step, state["params"], eval_batches, token_bytes)
+                    logger.write("eval", step, ev)
+                    logger.console_line("eval", step, ev, ("loss", "bits_per_byte", "perplexity", "accuracy"))
+                    meter.restart()
+                if step % tc.checkpoint_every == 0:
+                    save(step)
+                if stop.received is not None:
+                    log.info("signal %d received: saving checkpoint at step %d and exiting", stop.received, step)
+                    save(step)
+                    summary = {"stopped_by_signal": int(stop.received), "step": step}
+                    return summary
+            train_time = time.perf_counter() - t_start
+            save(step)
+            ev = evaluate(eval_step, state["params"], eval_batches, token_bytes)
+            logger.write("eval", step, ev)
+            logger.console_line("eval", step, ev, ("loss", "bits_per_byte", "perplexity", "accuracy"))
+            summary = {"step": step, "eval": ev, "train_seconds": train_time, "params": n_params,
+                       "flops_per_token": flops_total}
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            return summary
+    finally:
+        logger.close()
+        ckpt.close()
