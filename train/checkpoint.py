@@ -3,11 +3,15 @@
 Layout: RUN_DIR/checkpoints/<step>/{state, data}. Saves are asynchronous (the train loop goes on
 while files are written), the newest `keep` are kept, and orbax only ever lists checkpoints
 that finished writing, so a run killed mid-save resumes from the previous one. A checkpoint that
-is listed but cannot be read (corrupt, truncated) is reported and the next older one is tried.
+is listed but cannot be read (corrupt, truncated) is reported, moved to RUN_DIR/corrupt_checkpoints/
+(kept for inspection, and out of the way of the step that will be saved again), and the next older
+one is tried.
 """
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +48,13 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
                 return step, restored["state"], restored["data"]
             except Exception as e:  # noqa: BLE001 - any read failure means: try an older one
-                log.warning("checkpoint %s/%d cannot be restored (%s: %s); trying an older one",
-                            self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+                aside = self.directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(self.directory / str(step)), aside)
+                self.manager.reload()
+                log.warning("checkpoint %s/%d cannot be restored (%s: %s); moved it to %s and trying an "
+                            "older one", self.directory, step, type(e).__name__,
+                            (str(e).splitlines() or [""])[0][:300], aside)
         if steps:
             raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} could be restored; "
                                "move the directory away to start from scratch")

@@ -161,7 +161,7 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
     eval_step = make_eval_step(graphdef)
     peak, peak_src = peak_flops(models.resolve_dtype(cfg.runtime))
     log.info("MFU peak: %.3g FLOP/s per device (%s)", peak, peak_src)
-    meter = Throughput(flops_total, peak, jax.device_count())
+    meter = Throughput(flops_total, peak)  # one device until the mesh (sharding) lands
     logger = RunLogger(run_dir, tc.steps, step)
     last_saved = step if restored is not None else None
     summary: dict = {}

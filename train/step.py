@@ -67,7 +67,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
             z = jnp.zeros((), jnp.float32)
             aux0 = {"ce_sum": z, "tokens": z, "correct": z}
             (grads, loss, aux), _ = jax.lax.scan(body, (zeros, z, aux0), micro)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)

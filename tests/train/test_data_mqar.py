@@ -2,7 +2,7 @@
 import numpy as np
 
 from train.config import DataConfig, MQARConfig
-from train.data import make_eval_batches, make_train_iterator, task_vocab_size
+from train.data import build_tokenizer, get_tokenizer, make_eval_batches, make_train_iterator, task_vocab_size
 from train.data.mqar import MQARExamples, num_query_slots
 
 
@@ -70,10 +70,14 @@ def test_gaps_follow_power_law():
     assert abs(slope(_gap_histogram(1.0))) < 0.15
 
 
-def test_mqar_pipeline():
+def test_mqar_pipeline(tmp_path):
     cfg = DataConfig(source="mqar", seq_len=64, batch_size=4,
                      mqar=MQARConfig(vocab_size=128, num_kv_pairs=4, num_train_examples=10, num_eval_examples=6))
     assert task_vocab_size(cfg) == 128
+    tok = get_tokenizer(cfg)  # ids as numbers; each id counts as one byte
+    assert tok.vocab_size == 128 and tok.decode([3, 70]) == "3 70" and tok.token_bytes.sum() == 128
+    tok.save(tmp_path)
+    np.testing.assert_array_equal(build_tokenizer(str(tmp_path)).encode("5 9"), [5, 9])
     it = make_train_iterator(cfg, seed=0)
     seen = []
     for _ in range(5):  # 20 rows: two epochs of 10 examples

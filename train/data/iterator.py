@@ -62,7 +62,7 @@ class DataIterator:
 
     def __init__(self, dataset: grain.IterDataset, identity: dict[str, Any]):
         self._it: Iterator = iter(dataset)
-        self.identity = encode_state(identity)
+        self._identity = dict(identity)
         self.batches = 0
 
     def __iter__(self) -> "DataIterator":
@@ -74,16 +74,16 @@ class DataIterator:
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "identity": self.identity, "batches": self.batches,
+        return {"format": STATE_FORMAT, "identity": encode_state(self._identity), "batches": self.batches,
                 "grain": encode_state(self._it.get_state())}
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"data iterator state has format {state.get('format')!r}; expected {STATE_FORMAT}")
-        theirs = state.get("identity", {})
-        differ = sorted(k for k in set(theirs) | set(self.identity) if theirs.get(k) != self.identity.get(k))
+        theirs, ours = state.get("identity", {}), encode_state(self._identity)
+        differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         if differ:
-            detail = ", ".join(f"{k}: saved {theirs.get(k)!r} vs now {self.identity.get(k)!r}" for k in differ)
+            detail = ", ".join(f"{k}: saved {theirs.get(k)!r} vs now {ours.get(k)!r}" for k in differ)
             raise ConfigError(f"cannot resume the data iterator: the data config or seed changed ({detail})")
         self._it.set_state(decode_state(state["grain"]))
         self.batches = int(state["batches"])

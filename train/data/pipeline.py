@@ -31,7 +31,7 @@ from train.data.iterator import DataIterator
 from train.data.mqar import MQARExamples
 from train.data.packing import EXAMPLE_KEYS, empty_example, pack_documents
 from train.data.stdlib_source import stdlib_texts
-from train.data.tokenizer import Tokenizer, build_tokenizer
+from train.data.tokenizer import IdTokenizer, Tokenizer, build_tokenizer
 
 __all__ = ["Batch", "make_train_iterator", "make_eval_batches", "get_tokenizer", "task_vocab_size",
            "unigram_bits_per_byte", "doc_split"]
@@ -55,9 +55,9 @@ def _tokenizer(spec: str) -> Tokenizer:
     return build_tokenizer(spec)
 
 
-def get_tokenizer(cfg: DataConfig) -> Tokenizer | None:
-    """The tokenizer of `data.tokenizer`; None for mqar, whose tokens are not text."""
-    return None if cfg.source == "mqar" else _tokenizer(cfg.tokenizer)
+def get_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The tokenizer of `data.tokenizer`; for mqar (not text) an IdTokenizer of its vocab."""
+    return IdTokenizer(cfg.mqar.vocab_size) if cfg.source == "mqar" else _tokenizer(cfg.tokenizer)
 
 
 def task_vocab_size(cfg: DataConfig) -> int:
@@ -142,6 +142,8 @@ def make_train_iterator(cfg: DataConfig, seed: int) -> DataIterator:
         ds = pack_documents(docs.to_iter_dataset(_IN_MEMORY if split.num_tokens is not None else _LAZY),
                             cfg.seq_len)
         num_records = len(split)
+        log.info("train iterator: %s; rows of %d tokens, batch %d, seed %d",
+                 split.describe(), cfg.seq_len, cfg.batch_size, seed)
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
     return DataIterator(ds, _identity(cfg, seed, num_records))
 

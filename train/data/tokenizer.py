@@ -9,6 +9,9 @@
 Every tokenizer has `vocab_size`, `encode(text) -> int32 [n]`, `decode(ids) -> str`,
 `token_bytes -> int32 [vocab_size]` (UTF-8 bytes each id stands for, for bits per byte) and
 `save(dir)` (copies its files into a run directory so the run can be decoded later).
+
+Synthetic tasks (mqar) have no text; `IdTokenizer(vocab)` stands in for them: ids print as
+numbers and every id counts as one "byte", so bits per byte there reads as bits per token.
 """
 from __future__ import annotations
 
@@ -21,13 +24,15 @@ import numpy as np
 
 from train.config import ConfigError
 
-__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "SentencePieceTokenizer", "build_tokenizer"]
+__all__ = ["Tokenizer", "ByteTokenizer", "IdTokenizer", "HFTokenizer", "SentencePieceTokenizer",
+           "build_tokenizer"]
 
 ACCEPTED = ('"byte", a path to a Hugging Face tokenizer .json file, a SentencePiece .model file, '
             'or a directory holding one written by Tokenizer.save')
 
 # File names used by `save`; `build_tokenizer(dir)` looks for them in this order.
-HF_FILE, SP_FILE, BYTE_FILE = "tokenizer.json", "tokenizer.model", "tokenizer_byte.json"
+HF_FILE, SP_FILE = "tokenizer.json", "tokenizer.model"
+BYTE_FILE, IDS_FILE = "tokenizer_byte.json", "tokenizer_ids.json"
 
 
 class Tokenizer:
@@ -71,6 +76,27 @@ class ByteTokenizer(Tokenizer):
         path = Path(directory) / BYTE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"kind": "byte", "vocab_size": 256}) + "\n")
+        return path
+
+
+class IdTokenizer(Tokenizer):
+    """Token ids of a synthetic task, written as decimal numbers separated by spaces."""
+    kind = "ids"
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = int(vocab_size)
+        self.token_bytes = np.ones(self.vocab_size, np.int32)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray([int(t) for t in text.split()], np.int32)
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in np.asarray(ids).reshape(-1))
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / IDS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"kind": "ids", "vocab_size": self.vocab_size}) + "\n")
         return path
 
 
@@ -124,8 +150,10 @@ class HFTokenizer(Tokenizer):
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        # encode_batch runs on the library's own thread pool (Rust), much faster than a loop.
-        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        # Batches run on the library's own (Rust) thread pool; the `_fast` variant skips offset
+        # tracking, which we never use (1.7x faster on the stdlib corpus).
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        encs = encode(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, np.int32) for e in encs]
 
     def decode(self, ids) -> str:
@@ -181,17 +209,19 @@ def build_tokenizer(spec: str) -> Tokenizer:
         raise ConfigError(f"data.tokenizer is empty; accepted: {ACCEPTED}")
     path = Path(spec).expanduser()
     if path.is_dir():
-        for name in (HF_FILE, SP_FILE, BYTE_FILE):
+        for name in (HF_FILE, SP_FILE, BYTE_FILE, IDS_FILE):
             if (path / name).is_file():
-                return build_tokenizer("byte" if name == BYTE_FILE else str(path / name))
-        raise ConfigError(f"data.tokenizer={spec!r} is a directory without {HF_FILE}, {SP_FILE} or "
-                          f"{BYTE_FILE}; accepted: {ACCEPTED}")
+                return build_tokenizer(str(path / name))
+        raise ConfigError(f"data.tokenizer={spec!r} is a directory without {HF_FILE}, {SP_FILE}, "
+                          f"{BYTE_FILE} or {IDS_FILE}; accepted: {ACCEPTED}")
     if not path.is_file():
         raise ConfigError(f"data.tokenizer={spec!r}: no such file; accepted: {ACCEPTED}")
     if path.suffix not in (".json", ".model"):
         raise ConfigError(f"data.tokenizer={spec!r} has unknown extension {path.suffix!r}; accepted: {ACCEPTED}")
-    if path.suffix == ".json" and path.name == BYTE_FILE:
+    if path.name == BYTE_FILE:
         return ByteTokenizer()
+    if path.name == IDS_FILE:
+        return IdTokenizer(json.loads(path.read_text())["vocab_size"])
     try:
         return HFTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
     except Exception as e:  # the libraries raise bare Exception / RuntimeError on bad files
