@@ -1,0 +1,15 @@
+"""Every preset in configs/ builds and trains one step on CPU (batch and length shrunk)."""
+import pytest
+
+from train.cli import load_config, preset_names
+from train.config import apply_overrides
+from train.loop import run
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_trains_one_step(name, tmp_path):
+    cfg = apply_overrides(load_config(name), [
+        "train.steps=1", "optimizer.warmup_steps=0", "data.batch_size=2", "data.seq_len=64",
+        "train.eval_batches=1", "train.grad_accum=1"])
+    summary = run(cfg, tmp_path)
+    assert summary["step"] == 1 and summary["eval"]["loss"] > 0
