@@ -46,7 +46,8 @@ from torch import nn
 DEFAULTS = dict(vocab=256, d_model=256, layers=4, heads=4, kv_heads=None, head_dim=None, hidden=None,
                 windows="0", norm_eps=1e-6, rope_theta=1e4, init_std=0.02, batch=8, seq_len=256,
                 steps=10, warmup=2, seed=0, lr=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-                grad_clip=1.0, dtype="float32", gqa="native", init_npz=None, threads=None)
+                grad_clip=1.0, dtype="float32", gqa="native", init_npz=None, threads=None,
+                force_bf16=False)
 
 
 class RMSNorm(nn.Module):
@@ -195,9 +196,21 @@ def resolve(cfg: dict) -> dict:
     return cfg
 
 
+def native_bf16() -> tuple[bool, str]:
+    """Whether this CPU gives torch fast bf16 matmuls (oneDNN: AVX512-BF16 / AMX), and its ISA."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), cap
+    except (AttributeError, RuntimeError):
+        return "AVX512" in cap, cap
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for key, val in DEFAULTS.items():
+        if isinstance(val, bool):
+            ap.add_argument("--" + key.replace("_", "-"), action="store_true")
+            continue
         kind = type(val) if val is not None else None
         if key in ("kv_heads", "head_dim", "hidden", "threads"):
             kind = int
@@ -216,6 +229,13 @@ def main() -> None:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
+    fast, cap = native_bf16()
+    if dtype == torch.bfloat16 and not fast and not cfg["force_bf16"]:
+        # Without AVX512-BF16/AMX, torch's CPU bf16 matmul falls back to a path that is orders of
+        # magnitude slower than fp32 (a step of a small model takes minutes): not a useful peer.
+        print(json.dumps({"skipped": f"torch has no fast bf16 matmul on this CPU (capability {cap}, "
+                                     "oneDNN bf16 unsupported); --force-bf16 runs it anyway"}))
+        return
 
     torch.manual_seed(cfg["seed"])
     model = LM(cfg, dtype)
@@ -255,6 +275,7 @@ def main() -> None:
                for w in cfg["window_per_layer"]]
     out = {
         "framework": f"torch {torch.__version__} eager", "threads": torch.get_num_threads(),
+        "cpu_capability": cap, "native_bf16": fast,
         "python": sys.version.split()[0], "dtype": cfg["dtype"], "params": n_params,
         "batch": b, "seq_len": t, "tokens_per_step": tokens,
         "tokens_per_s": tokens / statistics.median(timed), "tokens_per_s_best": tokens / min(timed),

@@ -300,7 +300,9 @@ def main() -> None:
                                                       grad_clip=opt.grad_clip or 0.0),
                                        timeout=600)
                     row["torch"] = peer
-                    if "error" in peer:
+                    if "skipped" in peer:
+                        print(" skipped", end="")
+                    elif "error" in peer:
                         print(f" failed: {peer['error']}", end="")
                     else:
                         tps = peer["tokens_per_s"]
@@ -342,8 +344,10 @@ def main() -> None:
         print("torch: F.scaled_dot_product_attention; full layers is_causal=True, sliding-window layers an "
               "explicit boolean band mask (SDPA has no window argument, so it does not skip the masked blocks).")
         for r in rows:
-            if "warning" in r or "error" in r.get("torch", {}):
-                print(f"  {r['shape']} {r['dtype']}: {r.get('warning') or r['torch']['error']}")
+            peer = r.get("torch", {})
+            for note in (r.get("warning"), peer.get("error"), peer.get("skipped")):
+                if note:
+                    print(f"  {r['shape']} {r['dtype']}: {note}")
     elif torch_note:
         print(torch_note)
     print(f"load average before {load0[0]:.2f}, after {load1[0]:.2f} (1 min); wall {wall:.0f} s")

@@ -76,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if "eval" in summary:
         ev = summary["eval"]
-        print(f"done: step {summary['step']}, validation loss {ev['loss']:.4f}, "
-              f"bits/byte {ev['bits_per_byte']:.4f}, accuracy {ev['accuracy']:.4f}; run dir {run_dir}")
+        base = summary.get("unigram_bits_per_byte")
+        bpb = ""
+        if "bits_per_byte" in ev:
+            bpb = f", bits/byte {ev['bits_per_byte']:.4f}" + (f" (unigram baseline {base:.3f})" if base else "")
+        print(f"done: step {summary['step']}, validation loss {ev['loss']:.4f}{bpb}, "
+              f"accuracy {ev['accuracy']:.4f}; run dir {run_dir}")
     else:
         print(f"stopped at step {summary['step']}; run again with the same --run-dir to resume")
     return 0

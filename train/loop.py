@@ -25,7 +25,8 @@ from flax import nnx
 import models
 from train.checkpoint import Checkpointer, abstract_like
 from train.config import Config, ConfigError, from_dict, to_dict
-from train.data import get_tokenizer, make_eval_batches, make_train_iterator, task_vocab_size
+from train.data import (get_tokenizer, make_eval_batches, make_train_iterator, task_vocab_size,
+                        unigram_bits_per_byte)
 from train.logger import RunLogger
 from train.metrics import Throughput, peak_flops
 from train.optim import make_optimizer
@@ -79,8 +80,9 @@ def _setup_logging(run_dir: Path) -> None:
     root.propagate = False
 
 
-def evaluate(eval_step, params, batches, token_bytes) -> dict[str, float]:
-    """Loss, perplexity, bits per byte and next-token (for MQAR: answer) accuracy."""
+def evaluate(eval_step, params, batches, token_bytes, *, text: bool = True) -> dict[str, float]:
+    """Loss, perplexity, next-token accuracy (for MQAR: recall accuracy on the answers) and,
+    for text, bits per byte."""
     sums = {"ce_sum": 0.0, "tokens": 0.0, "correct": 0.0, "bytes": 0.0}
     for batch in batches:
         out = jax.device_get(eval_step(params, batch, token_bytes))
@@ -88,9 +90,11 @@ def evaluate(eval_step, params, batches, token_bytes) -> dict[str, float]:
             sums[k] += float(out[k])
     tokens = max(sums["tokens"], 1.0)
     loss = sums["ce_sum"] / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "bits_per_byte": sums["ce_sum"] / math.log(2) / max(sums["bytes"], 1.0),
-            "accuracy": sums["correct"] / tokens, "tokens": sums["tokens"]}
+    ev = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": sums["correct"] / tokens,
+          "tokens": sums["tokens"]}
+    if text:
+        ev["bits_per_byte"] = sums["ce_sum"] / math.log(2) / max(sums["bytes"], 1.0)
+    return ev
 
 
 class _StopSignal:
@@ -155,8 +159,11 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
         log.info("resumed from checkpoint step %d", step0)
     step = int(state["step"])
     eval_batches = make_eval_batches(cfg.data, tc.eval_batches)
-    token_bytes = jnp.asarray(tokenizer.token_bytes if cfg.data.source != "mqar"
-                              else np.ones(cfg.model.vocab_size, np.int32))
+    unigram = unigram_bits_per_byte(cfg.data)
+    if unigram is not None:
+        log.info("baseline: the training split's unigram entropy is %.3f bits/byte", unigram)
+    is_text = cfg.data.source != "mqar"
+    token_bytes = jnp.asarray(tokenizer.token_bytes if is_text else np.ones(cfg.model.vocab_size, np.int32))
     train_step = make_train_step(graphdef, tx, schedule, grad_accum=tc.grad_accum, z_loss=cfg.model.z_loss)
     eval_step = make_eval_step(graphdef)
     peak, peak_src = peak_flops(models.resolve_dtype(cfg.runtime))
@@ -197,7 +204,7 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
                 else:
                     logger.advance(step)
                 if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                    ev = evaluate(eval_step, state["params"], eval_batches, token_bytes)
+                    ev = evaluate(eval_step, state["params"], eval_batches, token_bytes, text=is_text)
                     logger.write("eval", step, ev)
                     logger.console_line("eval", step, ev, ("loss", "bits_per_byte", "perplexity", "accuracy"))
                     meter.restart()
@@ -210,11 +217,11 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
                     return summary
             train_time = time.perf_counter() - t_start
             save(step)
-            ev = evaluate(eval_step, state["params"], eval_batches, token_bytes)
+            ev = evaluate(eval_step, state["params"], eval_batches, token_bytes, text=is_text)
             logger.write("eval", step, ev)
             logger.console_line("eval", step, ev, ("loss", "bits_per_byte", "perplexity", "accuracy"))
-            summary = {"step": step, "eval": ev, "train_seconds": train_time, "params": n_params,
-                       "flops_per_token": flops_total}
+            summary = {"step": step, "eval": ev, "unigram_bits_per_byte": unigram, "train_seconds": train_time,
+                       "params": n_params, "flops_per_token": flops_total}
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             return summary
     finally:

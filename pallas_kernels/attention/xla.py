@@ -287,6 +287,41 @@ def _backward_dkv(cfg: _Static, qb, kb, vb, qs, qp, ks, kp, dob, lse, delta):
     return lax.map(kv_block, jnp.arange(nk))
 
 
+def _backward_fused(cfg: _Static, qb, kb, vb, qs, qp, ks, kp, dob, lse, delta):
+    """dq, dk, dv in one sweep: KV blocks outside, query blocks inside, dq accumulated in place."""
+    nq, b, kv_heads, r, d = qb.shape
+    nk, bk = kb.shape[0], kb.shape[3]
+    g, bq = cfg.groups, cfg.block_q
+
+    def kv_block(dq, j):
+        k_j, v_j, seg_j, pos_j = kb[j], vb[j], ks[j], kp[j]
+        lo, hi = _q_range(cfg, j, nq)
+
+        def step(i, carry):
+            dq, dk, dv = carry
+            q_i, do_i = qb[i], dob[i]
+            mask = _mask_t(cfg, qs[i], qp[i], seg_j, pos_j)
+            s = _dot(k_j, q_i, (3, 3)).reshape(b, kv_heads, bk, g, bq)
+            s, t = _logits(cfg, s, mask)
+            p = jnp.exp(s - lse[i][:, :, None])
+            dv = dv + _dot(p.reshape(b, kv_heads, bk, r).astype(dob.dtype), do_i, (3, 2))
+            dp = _dot(v_j, do_i, (3, 3)).reshape(b, kv_heads, bk, g, bq)
+            ds = p * (dp - delta[i][:, :, None])
+            if t is not None:
+                ds = ds * (1.0 - t * t)
+            ds = ds.reshape(b, kv_heads, bk, r)
+            dk = dk + _dot(ds.astype(qb.dtype), q_i, (3, 2))
+            dq = dq.at[i].add(_dot(ds.astype(kb.dtype), k_j, (2, 2)))
+            return dq, dk, dv
+
+        zeros = jnp.zeros((b, kv_heads, bk, d), _F32)
+        dq, dk, dv = lax.fori_loop(lo, hi, step, (dq, zeros, zeros))
+        return dq, ((dk * cfg.scale).astype(kb.dtype), dv.astype(vb.dtype))
+
+    dq, (dk, dv) = lax.scan(kv_block, jnp.zeros(qb.shape, _F32), jnp.arange(nk))
+    return (dq * cfg.scale).astype(qb.dtype), dk, dv
+
+
 # ----------------------------------------------------------------------------- custom_vjp
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -307,8 +342,12 @@ def _flash_bwd(cfg, res, dout):
     delta = delta.reshape(nq, b, kv_heads, cfg.groups, cfg.block_q)
     dob = dout.astype(qb.dtype)
     args = (cfg, qb, kb, vb, qs, qp, ks, kp, dob, lse, delta)
-    dq = _backward_dq(*args)
-    dk, dv = _backward_dkv(*args)
+    import os
+    if os.environ.get("FUSED") == "1":
+        dq, dk, dv = _backward_fused(*args)
+    else:
+        dq = _backward_dq(*args)
+        dk, dv = _backward_dkv(*args)
     return dq, dk, dv, None, None, None, None
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from train.data.tokenizer import Tokenizer
 
-__all__ = ["TokenDocs", "DocSplit", "Corpus", "is_validation", "tokenized_corpus"]
+__all__ = ["TokenDocs", "TokenPieces", "DocSplit", "Corpus", "is_validation", "tokenized_corpus"]
 
 
 class TokenDocs:
@@ -45,6 +45,37 @@ class TokenDocs:
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
+
+
+class TokenPieces:
+    """The documents of a TokenDocs cut into consecutive pieces of at most `max_len` tokens.
+
+    Shuffling pieces instead of whole documents is what makes training rows independent: a
+    packed row is max_len tokens, so with whole documents shuffled, a 700 kB file would fill
+    thousands of consecutive rows and the model would see one file for hundreds of steps.
+    Piece i is tokens[starts[i]:ends[i]].
+    """
+
+    def __init__(self, docs: TokenDocs, max_len: int):
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.tokens = docs.tokens
+        lengths = np.diff(docs.offsets)
+        counts = -(-lengths // max_len)  # pieces per document (0 for an empty one)
+        doc_of_piece = np.repeat(np.arange(len(lengths)), counts)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        k = np.arange(len(doc_of_piece)) - np.repeat(first, counts)  # piece index inside its doc
+        self.starts = docs.offsets[doc_of_piece] + k * max_len
+        self.ends = np.minimum(self.starts + max_len, docs.offsets[doc_of_piece + 1])
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"piece {i} out of range [0, {len(self)})")
+        i %= len(self)
+        return self.tokens[self.starts[i]:self.ends[i]]
 
 
 def _identity(x):

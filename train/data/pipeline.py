@@ -8,8 +8,9 @@ for every piece.
 
 Training: documents of the train split, shuffled (a new order every epoch, from the seed),
 tokenized, packed (train.data.packing), batched; endless; resumable through
-`DataIterator.get_state / set_state`. Evaluation: the validation split in stored order,
-packed the same way, the first `num_batches` batches.
+`DataIterator.get_state / set_state`. In-memory corpora are shuffled as row-sized pieces of
+documents, so rows are independent draws from the whole corpus. Evaluation: the validation split
+as pieces in one fixed shuffled order, packed the same way, the first `num_batches` batches.
 
 Everything runs in this process: grain's worker processes are not used (they start with
 `spawn` and trip over absl flags outside `app.run`), and the CPU cost here is small next to a
@@ -25,7 +26,7 @@ import grain
 import numpy as np
 
 from train.config import ConfigError, DataConfig
-from train.data.documents import Corpus, DocSplit, tokenized_corpus
+from train.data.documents import Corpus, DocSplit, TokenDocs, TokenPieces, tokenized_corpus
 from train.data.files_source import file_texts
 from train.data.iterator import DataIterator
 from train.data.mqar import MQARExamples
@@ -46,6 +47,8 @@ _IN_MEMORY = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 _LAZY = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
 # unigram_bits_per_byte reads at most this many documents of a lazy (tfds) train split.
 UNIGRAM_SAMPLE_DOCS = 5000
+# Fixed seed of the validation-piece order: eval rows are spread over the whole split.
+_EVAL_ORDER_SEED = 20261123
 
 
 # ----------------------------------------------------------------------------- tokenizer / vocab
@@ -123,6 +126,16 @@ def _identity(cfg: DataConfig, seed: int, num_records: int) -> dict[str, Any]:
     return ident
 
 
+def _shuffled_records(split: DocSplit, seq_len: int, seed: int) -> grain.MapDataset:
+    """Records in a shuffled order. In-memory documents are first cut into row-sized pieces
+    (TokenPieces) so that consecutive rows come from unrelated places in the corpus; lazy
+    (tfds) records are shuffled whole, since their lengths are unknown until tokenized."""
+    records = split.records
+    if isinstance(records, TokenDocs):
+        records = TokenPieces(records, seq_len + 1)
+    return grain.MapDataset.source(records).shuffle(seed=seed)
+
+
 def make_train_iterator(cfg: DataConfig, seed: int) -> DataIterator:
     """Endless iterator of training Batches; each epoch in a new order derived from `seed`."""
     cfg.check()
@@ -137,8 +150,7 @@ def make_train_iterator(cfg: DataConfig, seed: int) -> DataIterator:
         num_records = len(examples)
     else:
         split = _nonempty_split(cfg, "train")
-        docs = grain.MapDataset.source(split.records).shuffle(seed=_shuffle_seed(seed)).repeat(None)
-        docs = docs.map(split.to_tokens)
+        docs = _shuffled_records(split, cfg.seq_len, _shuffle_seed(seed)).repeat(None).map(split.to_tokens)
         ds = pack_documents(docs.to_iter_dataset(_IN_MEMORY if split.num_tokens is not None else _LAZY),
                             cfg.seq_len)
         num_records = len(split)
@@ -155,7 +167,8 @@ def _stack(rows: list[dict[str, np.ndarray]]) -> Batch:
 
 
 def make_eval_batches(cfg: DataConfig, num_batches: int) -> list[Batch]:
-    """The first `num_batches` validation Batches, always the same ones.
+    """`num_batches` validation Batches, always the same ones, drawn from all over the split
+    (row-sized pieces in a fixed shuffled order), so a few batches are not one file.
 
     Fewer when the split is small (at least one); the last batch is filled up with all-padding
     rows (loss_mask 0) so every batch has the same shape and nothing recompiles.
@@ -171,7 +184,7 @@ def make_eval_batches(cfg: DataConfig, num_batches: int) -> list[Batch]:
         rows = [examples[i] for i in range(min(want, len(examples)))]
     else:
         split = _nonempty_split(cfg, "validation")
-        docs = grain.MapDataset.source(split.records).map(split.to_tokens)
+        docs = _shuffled_records(split, cfg.seq_len, _EVAL_ORDER_SEED).map(split.to_tokens)
         it = iter(pack_documents(docs.to_iter_dataset(_IN_MEMORY if split.num_tokens is not None else _LAZY),
                                  cfg.seq_len))
         rows = []
