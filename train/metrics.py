@@ -23,7 +23,7 @@ PEAK_FLOPS = {
 }
 
 
-def measure_matmul_peak(dtype=jnp.float32, n: int = 1024, reps: int = 5) -> float:
+def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, reps: int = 5) -> float:
     """Best FLOP/s of an n x n matmul on the default device (blocking on every call)."""
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
