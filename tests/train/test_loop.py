@@ -73,7 +73,6 @@ def test_resume_follows_the_uninterrupted_trajectory(tmp_path, monkeypatch):
         assert a[s] == b[s], (s, a[s], b[s])  # exactly, not approximately
 
 
-@pytest.mark.slow
 def test_sigterm_saves_and_the_restart_resumes(tmp_path):
     args = [sys.executable, "-m", "train", "--run-dir", str(tmp_path), *SMALL, "train.steps=400",
             "train.checkpoint_every=1000"]
