@@ -279,7 +279,7 @@ def main() -> None:
         "python": sys.version.split()[0], "dtype": cfg["dtype"], "params": n_params,
         "batch": b, "seq_len": t, "tokens_per_step": tokens,
         "tokens_per_s": tokens / statistics.median(timed), "tokens_per_s_best": tokens / min(timed),
-        "step_s_median": statistics.median(timed), "first_step_s": times[0],
+        "step_s_median": statistics.median(timed), "step_s": timed, "first_step_s": times[0],
         "warmup": cfg["warmup"], "steps": cfg["steps"], "losses": losses,
         "attention": "F.scaled_dot_product_attention", "masking": masking,
         "gqa": (cfg["gqa"] if cfg["kv_heads"] != cfg["heads"] else "none (MHA)"),

@@ -189,12 +189,13 @@ def bench_chimera(mc: ModelConfig, runtime: RuntimeConfig, opt: OptimizerConfig,
     timed = times[warmup:]
     return {"params": n_params, "compile_s": compile_s, "first_step_s": times[0],
             "step_s_median": statistics.median(timed), "tokens_per_s": b * t / statistics.median(timed),
-            "tokens_per_s_best": b * t / min(timed), "losses": losses}
+            "tokens_per_s_best": b * t / min(timed), "step_s": timed, "losses": losses}
 
 
-def bench_torch(python: Path, spec: dict, timeout: float) -> dict:
+def bench_torch(python: Path, spec: dict, timeout: float, omp_passive: bool) -> dict:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if omp_passive else None
     proc = subprocess.run([str(python), str(ROOT / "benchmarks" / "torch_peer.py"), "--spec", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
@@ -207,11 +208,11 @@ def _fmt(x, spec: str, missing: str = "-") -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ["shape", "dtype", "params", "MFLOP/tok", "compile s", "Chimera tok/s", "MFU",
+    head = ["shape", "dtype", "load", "params", "MFLOP/tok", "compile s", "Chimera tok/s", "MFU",
             "torch tok/s", "torch MFU", "Chimera/torch", "loss d first/last"]
     body = []
     for r in rows:
-        body.append([r["shape"], r["dtype"], f"{r['params'] / 1e6:.2f}M", f"{r['flops_per_token'] / 1e6:.1f}",
+        body.append([r["shape"], r["dtype"], f"{r['load_1min']:.1f}", f"{r['params'] / 1e6:.2f}M", f"{r['flops_per_token'] / 1e6:.1f}",
                      f"{r['compile_s']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['mfu']:.0%}",
                      _fmt(r.get("torch_tokens_per_s"), ".0f"), _fmt(r.get("torch_mfu"), ".0%"),
                      _fmt(r.get("ratio"), ".2f"),
@@ -231,11 +232,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_SHAPES}, 1 warm-up + 3 steps")
     ap.add_argument("--shapes", help=f"NAME:BxT,... (default on CPU: {CPU_SHAPES}; on GPU/TPU: {ACCEL_SHAPES})")
     ap.add_argument("--dtypes", help="compute dtypes (default: float32 on CPU, bfloat16 on GPU/TPU)")
-    ap.add_argument("--steps", type=int, help="timed steps per measurement (default 10; --quick 3)")
-    ap.add_argument("--warmup", type=int, help="untimed steps after compilation (default 2; --quick 1)")
+    ap.add_argument("--steps", type=int, help="timed steps per measurement (default 8; --quick 3)")
+    ap.add_argument("--warmup", type=int, help="untimed steps after compilation (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     ap.add_argument("--torch-python", default=str(ROOT / ".venv-torch" / "bin" / "python"))
+    ap.add_argument("--torch-omp-passive", action="store_true",
+                    help="run the peer with OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads spin while "
+                         "waiting, which collapses its throughput (up to 5x) when other processes share "
+                         "the cores; XLA's thread pool degrades far less. Default: torch's defaults")
     ap.add_argument("--json", help="write the rows and the setup to this path")
     args = ap.parse_args()
 
@@ -246,8 +251,8 @@ def main() -> None:
     for d in dtypes:
         if d not in ("float32", "bfloat16"):
             raise SystemExit(f"--dtypes: {d!r} is not float32 or bfloat16")
-    steps = args.steps or (3 if args.quick else 10)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    steps = args.steps or (3 if args.quick else 8)
+    warmup = args.warmup if args.warmup is not None else 1
 
     torch_py = Path(args.torch_python)
     torch_note = ""
@@ -282,12 +287,13 @@ def main() -> None:
             spec, why = torch_spec(mc)
             for d in dtypes:
                 shape = f"{name} B{b}xT{t}"
-                print(f"-- {shape} {d}: chimera ...", end="", flush=True)
+                load = os.getloadavg()[0]
+                print(f"-- {shape} {d} (load {load:.1f}): chimera ...", end="", flush=True)
                 npz = os.path.join(tmp, "init.npz") if run_torch and spec else None
                 rt = dataclasses.replace(runtime, compute_dtype=d)
                 res = bench_chimera(mc, rt, opt, b, t, steps, warmup, args.seed, npz)
                 peak = peaks[d][0]
-                row = {"shape": shape, "model": name, "batch": b, "seq_len": t, "dtype": d,
+                row = {"shape": shape, "model": name, "batch": b, "seq_len": t, "dtype": d, "load_1min": load,
                        "params": res["params"], "flops_per_token": flops, **res,
                        "mfu": res["tokens_per_s"] * flops / peak, "peak_flops": peak}
                 print(f" {res['tokens_per_s']:.0f} tok/s (compile {res['compile_s']:.1f} s)", end="", flush=True)
@@ -298,7 +304,7 @@ def main() -> None:
                                                       lr=opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                                                       weight_decay=opt.weight_decay,
                                                       grad_clip=opt.grad_clip or 0.0),
-                                       timeout=600)
+                                       timeout=900, omp_passive=args.torch_omp_passive)
                     row["torch"] = peer
                     if "skipped" in peer:
                         print(" skipped", end="")
@@ -338,10 +344,12 @@ def main() -> None:
     print(f"tok/s: median of {steps} steps after {warmup} warm-up. MFU against "
           + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, (p, _) in peaks.items())
           + " (the same peak for both columns); FLOPs/token counts causal attention over visible keys only.")
-    print("compile s: lower + compile of the jitted train step (torch eager has none).")
+    print("compile s: lower + compile of the jitted train step (torch eager has none). load: 1-min load "
+          f"average before the row ({os.cpu_count()} CPUs; this benchmark itself adds up to about 2).")
     masking = next((r["torch"]["masking"] for r in rows if "masking" in r.get("torch", {})), None)
     if run_torch:
-        print("torch: F.scaled_dot_product_attention; full layers is_causal=True, sliding-window layers an "
+        print(f"torch: {'OMP_WAIT_POLICY=PASSIVE' if args.torch_omp_passive else 'default OpenMP settings'}; "
+              "F.scaled_dot_product_attention; full layers is_causal=True, sliding-window layers an "
               "explicit boolean band mask (SDPA has no window argument, so it does not skip the masked blocks).")
         for r in rows:
             peer = r.get("torch", {})
@@ -359,7 +367,8 @@ def main() -> None:
                 "dtypes": dtypes, "steps": steps, "warmup": warmup, "seed": args.seed,
                 "peaks": {d: {"flops": p, "source": s} for d, (p, s) in peaks.items()},
                 "load_average_before": load0, "load_average_after": load1, "wall_s": wall,
-                "torch_note": torch_note or None, "torch_masking_example": masking}
+                "torch_note": torch_note or None, "torch_masking_example": masking,
+                "torch_omp_wait_policy": "PASSIVE" if args.torch_omp_passive else "default"}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"setup": meta, "rows": rows}, indent=1) + "\n")
         print(f"wrote {args.json}")

@@ -55,6 +55,10 @@ CASES = [
     Case("window_ge_t", t=100, heads=2, kv_heads=2, window=150, block_q=32, block_k=64),
     Case("single_doc_short", t=7, heads=3, kv_heads=3, layout="single", block_q=128,
          block_k=128),
+    # Coprime block sizes put every block-range bound (causal and window, both passes) exactly
+    # on some block edge, so an off-by-one in the skipping arithmetic drops a visible key.
+    Case("coprime_blocks_window20", t=120, heads=2, kv_heads=1, window=20, block_q=17,
+         block_k=16, layout="single"),
 ]
 
 
@@ -194,9 +198,8 @@ def test_padding_outputs_zero_with_finite_gradients(impl):
     (q, k, v), seg, pos = make_inputs(case)
     seg = seg.at[2].set(0)  # a row that is all padding
     pad = host(seg) == 0
-    out = run(impl, case, q, k, v, seg, pos)
+    out, (dq, dk, dv) = _value_and_grads(impl, case, q, k, v, seg, pos, jnp.ones_like(q))
     assert np.all(host(out)[pad] == 0.0)
-    _, (dq, dk, dv) = _value_and_grads(impl, case, q, k, v, seg, pos, jnp.ones_like(q))
     for g in (dq, dk, dv):
         assert np.all(np.isfinite(host(g)))
     # Padding neither receives nor sends gradient.
@@ -207,7 +210,7 @@ def test_padding_outputs_zero_with_finite_gradients(impl):
 # ----------------------------------------------------------------------------- decode
 
 def _decode_slots(rng, t, window, cache_kind, chunk):
-    """Per decode step s, the new queries' ids and a cache snapshot, stacked along the batch.
+    """Which token each cache slot holds at each decode step (steps start every `chunk` tokens).
 
     Returns the first query index of each step, the token held by each cache slot
     [steps, S] and whether the slot is filled [steps, S]. "linear": S == t slots, token u in
@@ -228,9 +231,14 @@ def _decode_slots(rng, t, window, cache_kind, chunk):
     return steps, slots, filled
 
 
-@pytest.mark.parametrize("cache_kind,chunk", [("linear", 1), ("linear", 4), ("ring", 1)])
+@pytest.mark.parametrize("cache_kind,chunk,blocks", [
+    ("linear", 1, (16, 16)),  # one KV block (bk grows to the cache for a single query block)
+    ("linear", 1, (1, 8)),  # several KV blocks
+    ("linear", 4, (2, 8)),  # several new tokens per step: several query and KV blocks
+    ("ring", 1, (1, 4)),  # shuffled ring buffer of `window` slots, two KV blocks
+])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_decode_with_cache_matches_parallel(impl, cache_kind, chunk):
+def test_decode_with_cache_matches_parallel(impl, cache_kind, chunk, blocks):
     rng = np.random.default_rng(3)
     b, t, h, kvh, d = 2, 40, 4, 2, 16
     window = 8 if cache_kind == "ring" else None
@@ -254,14 +262,45 @@ def test_decode_with_cache_matches_parallel(impl, cache_kind, chunk):
     q_new = np.stack([qn[:, s:s + chunk] for s in steps])  # [n, b, chunk, h, d]
     s_new = np.stack([sn[:, s:s + chunk] for s in steps])
     p_new = np.stack([pn[:, s:s + chunk] for s in steps])
+    # Every step in one call: batch row (step, b) holds that step's new token(s) and the cache
+    # as it stood then. Rows are independent, so this is the same as decoding step by step.
     flat = lambda x: jnp.asarray(x.reshape(n * b, *x.shape[2:]))
     out = attention(flat(q_new), flat(kc), flat(vc), segment_ids=flat(s_new),
                     positions=flat(p_new), kv_segment_ids=flat(sc), kv_positions=flat(pc),
-                    window=window, implementation=impl, block_q=16, block_k=16)
+                    window=window, implementation=impl, block_q=blocks[0], block_k=blocks[1])
     out = host(out).reshape(n, b, chunk, h, d)
     for i, s in enumerate(steps):
         np.testing.assert_allclose(out[i], parallel[:, s:s + chunk], rtol=1e-5, atol=1e-5,
                                    err_msg=f"step {s}")
+
+
+@pytest.mark.parametrize("tq,blocks", [(2, (128, 16)), (6, (4, 16))])  # decode form, blocked form
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_against_a_shuffled_cache(impl, tq, blocks):
+    rng = np.random.default_rng(5)
+    b, tk, h, kvh, d = 2, 40, 4, 2, 16
+    q = jnp.asarray(rng.normal(size=(b, tq, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, tk, kvh, d)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray(rng.integers(1, 3, size=(b, tq)), jnp.int32)
+    pos = jnp.asarray(rng.integers(10, 30, size=(b, tq)), jnp.int32)
+    kseg = jnp.asarray(rng.integers(0, 3, size=(b, tk)), jnp.int32)  # 0: empty slots
+    kpos = jnp.asarray(rng.permuted(np.tile(np.arange(tk), (b, 1)), axis=1), jnp.int32)
+    w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def value_and_grads(impl, q, k, v):
+        def f(q, k, v):
+            return attention(q, k, v, segment_ids=seg, positions=pos, kv_segment_ids=kseg,
+                             kv_positions=kpos, window=12, logit_softcap=3.0,
+                             implementation=impl, block_q=blocks[0], block_k=blocks[1])
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(w)
+
+    out, grads = value_and_grads(impl, q, k, v)
+    want_out, want_grads = value_and_grads("reference", q, k, v)
+    np.testing.assert_allclose(host(out), host(want_out), rtol=1e-5, atol=1e-5)
+    for name, g, r in zip("qkv", grads, want_grads):
+        np.testing.assert_allclose(host(g), host(r), rtol=5e-5, atol=5e-5, err_msg=f"d{name}")
 
 
 # ----------------------------------------------------------------------------- dispatch
