@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, Mapping
 __all__ = [
     "ConfigError", "MixerConfig", "AttentionConfig", "ModelConfig", "DataConfig", "MQARConfig",
     "OptimizerConfig", "TrainConfig", "RuntimeConfig", "Config", "register_mixer_config",
-    "mixer_config_kinds", "from_dict", "to_dict", "apply_overrides", "replace",
+    "mixer_config_kinds", "from_dict", "to_dict", "apply_overrides",
 ]
 
 
@@ -333,14 +333,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _convert(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in args:
@@ -440,11 +439,6 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def replace(cfg: Config, **sections) -> Config:
-    """dataclasses.replace that re-runs validation (frozen configs validate in __post_init__)."""
-    return dataclasses.replace(cfg, **sections)
-
-
 def _parse_literal(text: str) -> Any:
     """Command-line values: JSON when it parses (numbers, true/false, null, lists), else a string."""
     if text in ("None", "none", "null"):
@@ -455,40 +449,39 @@ def _parse_literal(text: str) -> Any:
         return text
 
 
-def _set_path(obj: Any, keys: list[str], raw: str, where: str) -> Any:
-    """Return a copy of `obj` (a dataclass or a mixers mapping) with keys[...] set from `raw`."""
+def _set_in_dict(d: dict, cls: type, keys: list[str], raw: str, where: str) -> None:
+    """Set keys[...] of `d` (the to_dict form of a `cls`) from the command-line text `raw`,
+    checking the key and converting the value with the field's type."""
     key, rest = keys[0], keys[1:]
     path = f"{where}.{key}" if where else key
-    if isinstance(obj, Mapping):  # model.mixers.<name>...
-        if not rest:
-            raise ConfigError(f"{path}: set a field of the mixer, e.g. {path}.window=256")
-        base = obj.get(key) or DEFAULT_MIXERS.get(key)
-        if base is None:
-            raise ConfigError(f"{path}: no mixer named {key!r}; known: "
-                              f"{sorted(set(obj) | set(DEFAULT_MIXERS))}{_suggest(key, set(obj) | set(DEFAULT_MIXERS))}")
-        return {**obj, key: _set_path(base, rest, raw, path)}
-    fields = _fields(type(obj))
+    fields = _fields(cls)
     if key not in fields:
         raise ConfigError(f"unknown config key {path!r}{_suggest(key, fields)}; accepted: {sorted(fields)}")
     tp = fields[key][1]
-    if rest:
-        new = _set_path(getattr(obj, key), rest, raw, path)
-    else:
-        new = _convert(_parse_literal(raw), tp, path)
-    return dataclasses.replace(obj, **{key: new}) if not isinstance(obj, Config) else _replace_unchecked(obj, key, new)
-
-
-def _replace_unchecked(cfg: Config, key: str, value: Any) -> Config:
-    # Overrides of a whole Config are applied one by one; cross-section validation (for example
-    # grad_accum dividing batch_size) must see all of them, so it runs once in apply_overrides.
-    new = object.__new__(Config)
-    for f in dataclasses.fields(Config):
-        object.__setattr__(new, f.name, value if f.name == key else getattr(cfg, f.name))
-    return new
+    if not rest:
+        d[key] = to_dict(_convert(_parse_literal(raw), tp, path))
+        return
+    if dataclasses.is_dataclass(tp):
+        _set_in_dict(d[key], tp, rest, raw, path)
+        return
+    if key != "mixers" or cls is not ModelConfig:
+        raise ConfigError(f"{path!r} has no fields; set it directly: {path}=...")
+    name, rest = rest[0], rest[1:]  # model.mixers.<name>.<field>
+    mixers, mpath = d[key], f"{path}.{name}"
+    if name not in mixers:
+        if name not in DEFAULT_MIXERS:
+            known = set(mixers) | set(DEFAULT_MIXERS)
+            raise ConfigError(f"{mpath}: no mixer named {name!r}; known: {sorted(known)}{_suggest(name, known)}")
+        mixers[name] = to_dict(DEFAULT_MIXERS[name])
+    if not rest:
+        raise ConfigError(f"{mpath}: set a field of the mixer, e.g. {mpath}.window=256")
+    _set_in_dict(mixers[name], _MIXER_CONFIG_KINDS[mixers[name]["kind"]], rest, raw, mpath)
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `a.b.c=value` strings in order, then validate the result as a whole."""
+    """Apply `a.b.c=value` strings in order, then build and validate the result once (so that
+    cross-section checks, like grad_accum dividing batch_size, see every override)."""
+    d = to_dict(cfg)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
@@ -496,5 +489,5 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         keys = [k for k in path.strip().split(".") if k]
         if not keys:
             raise ConfigError(f"override {item!r} has an empty key")
-        cfg = _set_path(cfg, keys, raw.strip(), "")
-    return Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)})
+        _set_in_dict(d, Config, keys, raw.strip(), "")
+    return from_dict(Config, d)
