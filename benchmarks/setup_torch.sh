@@ -38,7 +38,6 @@ PY="$(find_python)" || { echo "error: no Python 3.11 found (set PYTHON311=/path/
 echo "creating $VENV with $PY"
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 
 # Refuse a CUDA build: look at what pip would install before installing it.
 plan="$("$VENV/bin/python" -m pip install --dry-run "${PKGS[@]}" 2>&1)" || { echo "$plan" >&2; exit 1; }
@@ -50,5 +49,5 @@ if grep -qiE 'nvidia|cuda|triton' <<<"$would" || ! grep -qE 'torch-2\.13\.0\+cpu
     rm -rf "$VENV"
     exit 1
 fi
-"$VENV/bin/python" -m pip install "${PKGS[@]}"
+"$VENV/bin/python" -m pip install --quiet "${PKGS[@]}"
 "$VENV/bin/python" -c 'import torch, numpy, sys; print("ok: torch", torch.__version__, "numpy", numpy.__version__, "Python", sys.version.split()[0], "threads", torch.get_num_threads())'

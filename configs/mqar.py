@@ -10,6 +10,6 @@ def config() -> Config:
                           mixers={"attn": AttentionConfig(num_heads=2)}),
         data=DataConfig(source="mqar", seq_len=128, batch_size=32,
                         mqar=MQARConfig(vocab_size=512, num_kv_pairs=8)),
-        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=50, weight_decay=0.1),
-        train=TrainConfig(steps=1000, log_every=50, eval_every=250, eval_batches=4, checkpoint_every=250),
+        optimizer=OptimizerConfig(lr=3e-3, warmup_steps=100, weight_decay=0.1),
+        train=TrainConfig(steps=2000, log_every=50, eval_every=250, eval_batches=4, checkpoint_every=500),
     )
