@@ -208,8 +208,11 @@ def bench_chimera(mc: ModelConfig, runtime: RuntimeConfig, opt: OptimizerConfig,
 
 def bench_torch(python: Path, spec: dict, timeout: float, omp_passive: bool) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if omp_passive else None
-    proc = subprocess.run([str(python), str(ROOT / "benchmarks" / "torch_peer.py"), "--spec", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        proc = subprocess.run([str(python), str(ROOT / "benchmarks" / "torch_peer.py"), "--spec", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"torch_peer.py took longer than {timeout:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
