@@ -144,3 +144,22 @@ def test_bf16_compute_keeps_fp32_params():
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
     y32, _ = _mixer(AttentionConfig(num_heads=4))(x, positions=pos, segment_ids=seg)
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y32), atol=0.05, rtol=0.05)
+
+
+def test_swiglu_and_dense_match_formula():
+    from layers.mlp import SwiGLU
+    m = SwiGLU(8, 16, std=0.3, out_std=0.3, dtype=jnp.float32, rngs=nnx.Rngs(params=0))
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 8))
+    g, u, d = (np.asarray(l.kernel[...]) for l in (m.gate, m.up, m.down))
+    xn = np.asarray(x)
+    want = ((xn @ g) / (1 + np.exp(-(xn @ g))) * (xn @ u)) @ d
+    np.testing.assert_allclose(np.asarray(m(x)), want, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_head_is_the_transposed_embedding():
+    from layers.linear import Embed
+    e = Embed(11, 4, std=1.0, dtype=jnp.float32, rngs=nnx.Rngs(params=0))
+    tok = jnp.array([[0, 3, 10]])
+    x = e(tok)
+    np.testing.assert_allclose(np.asarray(x[0, 1]), np.asarray(e.embedding[...][3]))
+    np.testing.assert_allclose(np.asarray(e.attend(x)), np.asarray(x) @ np.asarray(e.embedding[...]).T, rtol=1e-6)
