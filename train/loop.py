@@ -163,7 +163,7 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
     if unigram is not None:
         log.info("baseline: the training split's unigram entropy is %.3f bits/byte", unigram)
     is_text = cfg.data.source != "mqar"
-    token_bytes = jnp.asarray(tokenizer.token_bytes if is_text else np.ones(cfg.model.vocab_size, np.int32))
+    token_bytes = jnp.asarray(tokenizer.token_bytes)
     train_step = make_train_step(graphdef, tx, schedule, grad_accum=tc.grad_accum, z_loss=cfg.model.z_loss)
     eval_step = make_eval_step(graphdef)
     peak, peak_src = peak_flops(models.resolve_dtype(cfg.runtime))
@@ -196,11 +196,17 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
                         "set optimizer.grad_clip, or use runtime.compute_dtype=float32.")
                 step += 1
                 meter.add(int(batch["inputs"].size))
-                if step == 1 or step % tc.log_every == 0 or step == tc.steps:
+                first = step == int(restored[0] if restored else 0) + 1
+                if first or step % tc.log_every == 0 or step == tc.steps:
                     rec = {k: float(m[k]) for k in ("loss", "ce", "accuracy", "grad_norm", "lr")}
-                    rec.update(meter.report())
+                    if first:  # this step compiled: report that, not a throughput
+                        rec["compile_and_step_s"] = time.perf_counter() - t_start
+                        meter.restart()
+                    else:
+                        rec.update(meter.report())
                     logger.write("train", step, rec)
-                    logger.console_line("train", step, rec, ("loss", "grad_norm", "lr", "tokens_per_s", "mfu"))
+                    logger.console_line("train", step, rec, ("loss", "grad_norm", "lr", "tokens_per_s", "mfu",
+                                                             "compile_and_step_s"))
                 else:
                     logger.advance(step)
                 if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
