@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, Mapping
 __all__ = [
     "ConfigError", "MixerConfig", "AttentionConfig", "ModelConfig", "DataConfig", "MQARConfig",
     "OptimizerConfig", "TrainConfig", "RuntimeConfig", "Config", "register_mixer_config",
-    "mixer_config_kinds", "from_dict", "to_dict", "apply_overrides",
+    "from_dict", "to_dict", "apply_overrides",
 ]
 
 
@@ -38,10 +38,6 @@ def register_mixer_config(cls):
     """Class decorator: make a MixerConfig subclass loadable from JSON by its `kind`."""
     _MIXER_CONFIG_KINDS[cls.kind] = cls
     return cls
-
-
-def mixer_config_kinds() -> dict[str, type["MixerConfig"]]:
-    return dict(_MIXER_CONFIG_KINDS)
 
 
 @dataclass(frozen=True)
