@@ -27,6 +27,7 @@ def _fmt(v) -> str:
 class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, *, tensorboard: bool = True):
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.text = open(run_dir / "train.log", "a", buffering=1)  # progress lines, beside the log
         self.tb = SummaryWriter(str(run_dir / "tb")) if tensorboard else None
         self.total = total_steps
         self.console = Console(stderr=True)
@@ -49,6 +50,10 @@ class RunLogger:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
 
+    def restart_clock(self, step: int) -> None:
+        """Measure the ETA from here (after the compiling first step)."""
+        self._t0, self._s0 = time.perf_counter(), step
+
     def eta_seconds(self, step: int) -> float:
         done = step - self._s0
         if done <= 0:
@@ -57,8 +62,10 @@ class RunLogger:
 
     def console_line(self, kind: str, step: int, metrics: dict, keys: tuple[str, ...]) -> None:
         text = " ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics)
-        if kind == "train" and self.progress is not None:
-            self.progress.update(self.task, completed=step, status=text)
+        self.text.write(f"{time.strftime('%H:%M:%S')} [{kind} {step}/{self.total}] {text}\n")
+        if kind == "train" and self.progress is not None:  # the bar has room for the essentials
+            short = " ".join(f"{k}={_fmt(metrics[k])}" for k in ("loss", "tokens_per_s") if k in metrics)
+            self.progress.update(self.task, completed=step, status=short)
             return
         eta = self.eta_seconds(step) if kind == "train" else float("nan")
         eta_s = f" eta={eta:.0f}s" if eta == eta else ""
@@ -78,3 +85,4 @@ class RunLogger:
         if self.tb is not None:
             self.tb.close()
         self.jsonl.close()
+        self.text.close()

@@ -202,6 +202,7 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
                     if first:  # this step compiled: report that, not a throughput
                         rec["compile_and_step_s"] = time.perf_counter() - t_start
                         meter.restart()
+                        logger.restart_clock(step)
                     else:
                         rec.update(meter.report())
                     logger.write("train", step, rec)
