@@ -69,21 +69,23 @@ class Stack(nnx.Module):
             new_cache["loop"].append(c)
         return x, (None if cache is None else new_cache)
 
+    def _first_scanned_period(self) -> Period:
+        """One period of the scanned stack (its params sliced at index 0): all periods share
+        the same structure, so it stands for each of them in cache shapes and descriptions."""
+        period_def, stacked = nnx.split(self.scanned)
+        return nnx.merge(period_def, jax.tree.map(lambda a: a[0], stacked))
+
     def init_cache(self, batch: int, max_len: int, dtype) -> dict:
         scanned = None
         if self.scanned is not None:
-            period_def, stacked = nnx.split(self.scanned)
-            one = nnx.merge(period_def, jax.tree.map(lambda a: a[0], stacked))
             scanned = jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_scanned, *a.shape)),
-                                   one.init_cache(batch, max_len, dtype))
+                                   self._first_scanned_period().init_cache(batch, max_len, dtype))
         return {"scanned": scanned, "loop": [p.init_cache(batch, max_len, dtype) for p in self.loop]}
 
     def periods(self):
         """(names, block modules) for every layer in order, for logging."""
         out = []
         if self.scanned is not None:
-            period_def, stacked = nnx.split(self.scanned)
-            one = nnx.merge(period_def, jax.tree.map(lambda a: a[0], stacked))
-            out += [list(one.blocks)] * self.num_scanned
+            out += [list(self._first_scanned_period().blocks)] * self.num_scanned
         out += [list(p.blocks) for p in self.loop]
         return [b for blocks in out for b in blocks]

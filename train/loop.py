@@ -157,7 +157,7 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
         step0, state, data_state = restored
         train_iter.set_state(data_state)
         log.info("resumed from checkpoint step %d", step0)
-    step = int(state["step"])
+    step = start_step = int(state["step"])
     eval_batches = make_eval_batches(cfg.data, tc.eval_batches)
     unigram = unigram_bits_per_byte(cfg.data)
     if unigram is not None:
@@ -196,7 +196,7 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
                         "set optimizer.grad_clip, or use runtime.compute_dtype=float32.")
                 step += 1
                 meter.add(int(batch["inputs"].size))
-                first = step == int(restored[0] if restored else 0) + 1
+                first = step == start_step + 1
                 if first or step % tc.log_every == 0 or step == tc.steps:
                     rec = {k: float(m[k]) for k in ("loss", "ce", "accuracy", "grad_norm", "lr")}
                     if first:  # this step compiled: report that, not a throughput
