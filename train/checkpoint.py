@@ -36,25 +36,40 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         data=ocp.args.JsonSave(data_state)), force=True)
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """(step, state, data_state) from the newest readable checkpoint, or None if there is none.
+    def restore(self, step: int, abstract_state: Any) -> tuple[int, Any, dict]:
+        """(step, state, data_state) of checkpoint `step`; raises if it cannot be read.
 
-        abstract_state: a pytree of jax.ShapeDtypeStruct (from jax.eval_shape of the initial state).
+        abstract_state: a pytree of jax.ShapeDtypeStruct (from jax.eval_shape of the initial
+        state). Their shardings decide where the arrays land, so a checkpoint written under one
+        mesh restores under another (orbax reshards on read).
+        """
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return step, restored["state"], restored["data"]
+
+    def restore_latest(self, abstract_state: Any, *, move_corrupt: bool = True) -> tuple[int, Any, dict] | None:
+        """`restore` of the newest readable checkpoint, or None if there is none.
+
+        move_corrupt: move an unreadable checkpoint aside (the train loop, which will write that
+        step again) or leave it where it is (readers such as export, which must not touch a run
+        that may still be going).
         """
         steps = self.steps()
         for step in reversed(steps):
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-                return step, restored["state"], restored["data"]
+                return self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any read failure means: try an older one
+                why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                if not move_corrupt:
+                    log.warning("checkpoint %s/%d cannot be restored (%s); trying an older one",
+                                self.directory, step, why)
+                    continue
                 aside = self.directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
                 aside.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(self.directory / str(step)), aside)
                 self.manager.reload()
-                log.warning("checkpoint %s/%d cannot be restored (%s: %s); moved it to %s and trying an "
-                            "older one", self.directory, step, type(e).__name__,
-                            (str(e).splitlines() or [""])[0][:300], aside)
+                log.warning("checkpoint %s/%d cannot be restored (%s); moved it to %s and trying an "
+                            "older one", self.directory, step, why, aside)
         if steps:
             raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} could be restored; "
                                "move the directory away to start from scratch")
