@@ -18,6 +18,7 @@ from layers.linear import Dense
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
 from layers.rope import apply_rope
+from layers.sharding import constrain
 from pallas_kernels.attention.api import attention
 from train.config import AttentionConfig
 
@@ -30,10 +31,11 @@ class Attention(nnx.Module):
         self.heads, self.kv_heads = cfg.num_heads, cfg.kv_heads
         self.head_dim = cfg.dim_per_head(ctx.d_model)
         d, hd = ctx.d_model, self.head_dim
-        self.q_proj = Dense(d, self.heads * hd, std=ctx.init_std, dtype=ctx.dtype, rngs=rngs)
-        self.k_proj = Dense(d, self.kv_heads * hd, std=ctx.init_std, dtype=ctx.dtype, rngs=rngs)
-        self.v_proj = Dense(d, self.kv_heads * hd, std=ctx.init_std, dtype=ctx.dtype, rngs=rngs)
-        self.o_proj = Dense(self.heads * hd, d, std=ctx.out_std, dtype=ctx.dtype, rngs=rngs)
+        proj = dict(axes=("embed", "heads"), std=ctx.init_std, dtype=ctx.dtype, rngs=rngs)
+        self.q_proj = Dense(d, self.heads * hd, **proj)
+        self.k_proj = Dense(d, self.kv_heads * hd, **proj)
+        self.v_proj = Dense(d, self.kv_heads * hd, **proj)
+        self.o_proj = Dense(self.heads * hd, d, axes=("heads", "embed"), std=ctx.out_std, dtype=ctx.dtype, rngs=rngs)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd)
             self.k_norm = RMSNorm(hd)
@@ -42,9 +44,10 @@ class Attention(nnx.Module):
         """x [B, T, d]; positions, segment_ids [B, T] int32 -> (y [B, T, d], cache)."""
         b, t, _ = x.shape
         cfg, hd = self.cfg, self.head_dim
-        q = self.q_proj(x).reshape(b, t, self.heads, hd)
-        k = self.k_proj(x).reshape(b, t, self.kv_heads, hd)
-        v = self.v_proj(x).reshape(b, t, self.kv_heads, hd)
+        heads = ("batch", "seq", "act_heads", None)
+        q = constrain(self.q_proj(x).reshape(b, t, self.heads, hd), heads)
+        k = constrain(self.k_proj(x).reshape(b, t, self.kv_heads, hd), heads)
+        v = constrain(self.v_proj(x).reshape(b, t, self.kv_heads, hd), heads)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, cfg.rope_theta)

@@ -10,12 +10,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.sharding import param
+
 
 class Dense(nnx.Module):
-    """y = x @ W, no bias. W: [d_in, d_out] float32, cast to `dtype` for the matmul."""
+    """y = x @ W, no bias. W: [d_in, d_out] float32, cast to `dtype` for the matmul.
 
-    def __init__(self, d_in: int, d_out: int, *, std: float, dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32))
+    axes: logical names of (d_in, d_out) for sharding (layers/sharding.py), e.g. ("embed", "mlp").
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], std: float, dtype, rngs: nnx.Rngs):
+        self.kernel = param(std * jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32), axes)
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -28,7 +33,7 @@ class Embed(nnx.Module):
     """Token embedding table [vocab, d]; `attend` reuses it as a tied output head."""
 
     def __init__(self, vocab: int, d: int, *, std: float, dtype, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(std * jax.random.normal(rngs.params(), (vocab, d), jnp.float32))
+        self.embedding = param(std * jax.random.normal(rngs.params(), (vocab, d), jnp.float32), ("vocab", "embed"))
         self.dtype = dtype
 
     def __call__(self, tokens: jax.Array) -> jax.Array:

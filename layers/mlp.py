@@ -5,17 +5,19 @@ import jax
 from flax import nnx
 
 from layers.linear import Dense
+from layers.sharding import constrain
 
 
 class SwiGLU(nnx.Module):
     def __init__(self, d: int, hidden: int, *, std: float, out_std: float, dtype, rngs: nnx.Rngs):
-        self.gate = Dense(d, hidden, std=std, dtype=dtype, rngs=rngs)
-        self.up = Dense(d, hidden, std=std, dtype=dtype, rngs=rngs)
-        self.down = Dense(hidden, d, std=out_std, dtype=dtype, rngs=rngs)
+        self.gate = Dense(d, hidden, axes=("embed", "mlp"), std=std, dtype=dtype, rngs=rngs)
+        self.up = Dense(d, hidden, axes=("embed", "mlp"), std=std, dtype=dtype, rngs=rngs)
+        self.down = Dense(hidden, d, axes=("mlp", "embed"), std=out_std, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [..., d] -> [..., d]."""
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        """x [B, T, d] -> [B, T, d]."""
+        h = constrain(jax.nn.silu(self.gate(x)) * self.up(x), ("batch", "seq", "act_mlp"))
+        return self.down(h)
 
     @staticmethod
     def flops_per_token(d: int, hidden: int) -> float:

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.sharding import param
+
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """x [..., d], scale [d] -> [..., d] in x.dtype."""
@@ -15,7 +17,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 class RMSNorm(nnx.Module):
     def __init__(self, d: int, *, eps: float = 1e-6):
-        self.scale = nnx.Param(jnp.ones((d,), jnp.float32))
+        self.scale = param(jnp.ones((d,), jnp.float32), ("norm",))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:

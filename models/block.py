@@ -7,6 +7,7 @@ from flax import nnx
 from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, build_mixer
+from layers.sharding import RESIDUAL, constrain
 from train.config import ModelConfig
 
 
@@ -23,8 +24,8 @@ class Block(nnx.Module):
 
     def __call__(self, x, *, positions, segment_ids, cache=None):
         y, cache = self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids, cache=cache)
-        x = x + y.astype(x.dtype)
-        x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+        x = constrain(x + y.astype(x.dtype), RESIDUAL)
+        x = constrain(x + self.mlp(self.mlp_norm(x)).astype(x.dtype), RESIDUAL)
         return x, cache
 
 

@@ -16,6 +16,7 @@ from layers.linear import Dense, Embed
 from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, mixer_class
+from layers.sharding import RESIDUAL, constrain
 from models.stack import Stack
 from train.config import ModelConfig, RuntimeConfig
 
@@ -43,15 +44,15 @@ class LM(nnx.Module):
         self.stack = Stack(cfg, ctx, rngs=rngs)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else Dense(
-            cfg.d_model, cfg.vocab_size, std=cfg.init_std, dtype=dtype, rngs=rngs)
+            cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), std=cfg.init_std, dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens, *, positions, segment_ids, cache=None):
         """tokens, positions, segment_ids: [B, T] int32 -> (logits [B, T, V] float32, cache)."""
-        x = self.embed(tokens)
+        x = constrain(self.embed(tokens), RESIDUAL)
         x, cache = self.stack(x, positions=positions, segment_ids=segment_ids, cache=cache)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
-        return logits.astype(jnp.float32), cache
+        return constrain(logits.astype(jnp.float32), ("batch", "seq", "act_vocab")), cache
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         return self.stack.init_cache(batch, max_len, dtype or self.dtype)

@@ -71,9 +71,12 @@ class Stack(nnx.Module):
 
     def _first_scanned_period(self) -> Period:
         """One period of the scanned stack (its params sliced at index 0): all periods share
-        the same structure, so it stands for each of them in cache shapes and descriptions."""
+        the same structure, so it stands for each of them in cache shapes and descriptions.
+        Works on abstract models (nnx.eval_shape) too."""
+        def first(a):
+            return jax.ShapeDtypeStruct(a.shape[1:], a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a[0]
         period_def, stacked = nnx.split(self.scanned)
-        return nnx.merge(period_def, jax.tree.map(lambda a: a[0], stacked))
+        return nnx.merge(period_def, jax.tree.map(first, stacked))
 
     def init_cache(self, batch: int, max_len: int, dtype) -> dict:
         scanned = None

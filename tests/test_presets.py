@@ -10,6 +10,6 @@ from train.loop import run
 def test_preset_trains_one_step(name, tmp_path):
     cfg = apply_overrides(load_config(name), [
         "train.steps=1", "optimizer.warmup_steps=0", "data.batch_size=2", "data.seq_len=64",
-        "train.eval_batches=1", "train.grad_accum=1"])
+        "train.eval_batches=1", "train.grad_accum=1", "runtime.mesh_data=1"])
     summary = run(cfg, tmp_path)
     assert summary["step"] == 1 and summary["eval"]["loss"] > 0

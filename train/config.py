@@ -257,6 +257,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
+    # Warm start: a Hugging Face Llama/Qwen checkpoint directory (safetensors) whose weights
+    # initialise the model when the run has no checkpoint yet (train/hf.py).
+    init_from: str | None = None
 
     def check(self, batch_size: int) -> None:
         for name in ("steps", "grad_accum", "log_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
@@ -278,18 +281,38 @@ class RuntimeConfig:
       without batch dims, i.e. weight matmuls, recompute attention).
     attention_impl: None tries the best implementation for the platform; "xla" or "reference"
       forces one (and fails loudly if it cannot serve a call).
+    mesh_data, mesh_fsdp, mesh_tensor: the device mesh (train/mesh.py, layers/sharding.py):
+      data parallel, fully-sharded data parallel (params split too) and tensor parallel sizes.
+      At most one may be -1, meaning "all the devices the others leave"; their product must
+      equal the number of devices (all hosts together), or be smaller when none is -1 (the
+      first devices are used). The default puts every device on the data axis.
+    distributed: call jax.distributed.initialize() before touching devices (multi-host runs:
+      SLURM, TPU pods, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set).
     """
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     attention_impl: Literal["xla", "reference"] | None = None
     attention_block_q: int = 128
     attention_block_k: int = 128
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+    distributed: bool = False
+
+    MESH_FIELDS: ClassVar[tuple[str, ...]] = ("mesh_data", "mesh_fsdp", "mesh_tensor")
 
     def check(self) -> None:
         for name in ("attention_block_q", "attention_block_k"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ConfigError(f"runtime.{name} must be a power of two, got {v}")
+        sizes = {f: getattr(self, f) for f in self.MESH_FIELDS}
+        for f, v in sizes.items():
+            if v < 1 and v != -1:
+                raise ConfigError(f"runtime.{f} must be >= 1 or -1 (all remaining devices), got {v}")
+        if sum(v == -1 for v in sizes.values()) > 1:
+            raise ConfigError(f"only one of runtime.{{{', '.join(self.MESH_FIELDS)}}} may be -1, got "
+                              + ", ".join(f"{f}={v}" for f, v in sizes.items()))
 
 
 @dataclass(frozen=True)

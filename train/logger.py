@@ -25,13 +25,16 @@ def _fmt(v) -> str:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, *, tensorboard: bool = True):
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        self.text = open(run_dir / "train.log", "a", buffering=1)  # progress lines, beside the log
-        self.tb = SummaryWriter(str(run_dir / "tb")) if tensorboard else None
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, *, tensorboard: bool = True,
+                 main: bool = True):
+        """main=False (the other processes of a multi-host run) writes and prints nothing."""
+        self.main = main
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1) if main else None
+        self.text = open(run_dir / "train.log", "a", buffering=1) if main else None  # progress lines
+        self.tb = SummaryWriter(str(run_dir / "tb")) if tensorboard and main else None
         self.total = total_steps
         self.console = Console(stderr=True)
-        self.interactive = self.console.is_terminal
+        self.interactive = self.console.is_terminal and main
         self.progress = None
         self._t0, self._s0 = time.perf_counter(), start_step
         if self.interactive:
@@ -43,6 +46,8 @@ class RunLogger:
 
     def write(self, kind: str, step: int, metrics: dict) -> None:
         """Append one record to metrics.jsonl and TensorBoard under `kind/` (train, eval, ...)."""
+        if not self.main:
+            return
         record = {"kind": kind, "step": step, "time": time.time(), **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -61,6 +66,8 @@ class RunLogger:
         return (time.perf_counter() - self._t0) / done * (self.total - step)
 
     def console_line(self, kind: str, step: int, metrics: dict, keys: tuple[str, ...]) -> None:
+        if not self.main:
+            return
         text = " ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics)
         self.text.write(f"{time.strftime('%H:%M:%S')} [{kind} {step}/{self.total}] {text}\n")
         if kind == "train" and self.progress is not None:  # the bar has room for the essentials
@@ -84,5 +91,6 @@ class RunLogger:
             self.progress.stop()
         if self.tb is not None:
             self.tb.close()
-        self.jsonl.close()
-        self.text.close()
+        if self.main:
+            self.jsonl.close()
+            self.text.close()

@@ -27,7 +27,9 @@ from train.checkpoint import Checkpointer, abstract_like
 from train.config import Config, ConfigError, from_dict, to_dict
 from train.data import (get_tokenizer, make_eval_batches, make_train_iterator, task_vocab_size,
                         unigram_bits_per_byte)
+from layers.sharding import use_mesh
 from train.logger import RunLogger
+from train.mesh import check_batch, create_state, describe as describe_mesh, init_distributed, make_mesh, place_batch
 from train.metrics import Throughput, peak_flops
 from train.optim import make_optimizer
 from train.step import make_eval_step, make_train_step, init_state
@@ -66,14 +68,16 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> None:
                               "use another --run-dir or the same settings")
 
 
-def _setup_logging(run_dir: Path) -> None:
+def _setup_logging(run_dir: Path, main: bool = True) -> None:
+    """INFO to stderr and RUN_DIR/train.log; other processes of a multi-host run log warnings
+    only, to stderr, so the run directory has one log."""
     root = logging.getLogger("chimera")
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if main else logging.WARNING)
     for h in list(root.handlers):
         if getattr(h, "_chimera", False):
             root.removeHandler(h)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    for h in (logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")):
+    for h in (logging.StreamHandler(),) + ((logging.FileHandler(run_dir / "train.log"),) if main else ()):
         h.setFormatter(fmt)
         h._chimera = True
         root.addHandler(h)
@@ -95,6 +99,14 @@ def evaluate(eval_step, params, batches, token_bytes, *, text: bool = True) -> d
     if text:
         ev["bits_per_byte"] = sums["ce_sum"] / math.log(2) / max(sums["bytes"], 1.0)
     return ev
+
+
+def _warm_start(hf_dir: str, graphdef, params):
+    """Params of the Hugging Face checkpoint in `hf_dir`, laid out like `params` (train.init_from)."""
+    from train.hf import import_params  # transformers-free, but only needed for warm starts
+    log.info("warm start: loading weights from %s (train.init_from)", hf_dir)
+    model = import_params(hf_dir, nnx.merge(graphdef, jax.device_get(params)))
+    return jax.device_put(nnx.state(model, nnx.Param), jax.tree.map(lambda a: a.sharding, params))
 
 
 class _StopSignal:
@@ -123,20 +135,31 @@ class _StopSignal:
 
 
 def run(cfg: Config, run_dir: str | Path) -> dict:
+    init_distributed(cfg.runtime)
+    main = jax.process_index() == 0  # the process that writes logs, config and summary
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(run_dir)
+    _setup_logging(run_dir, main)
     cfg = resolve(cfg)
     _check_resume_config(run_dir, cfg)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    if main:
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     tc = cfg.train
-    log.info("run %s in %s on %s (%d device(s)), jax %s", cfg.name, run_dir.absolute(),
-             jax.devices()[0].device_kind, jax.device_count(), jax.__version__)
+    mesh = make_mesh(cfg.runtime)
+    check_batch(cfg.data.batch_size, tc.grad_accum, mesh)
+    log.info("run %s in %s on %s, jax %s, %d process(es), mesh %s", cfg.name, run_dir.absolute(),
+             jax.devices()[0].device_kind, jax.__version__, jax.process_count(), describe_mesh(mesh))
 
     tokenizer = get_tokenizer(cfg.data)
-    tokenizer.save(run_dir)
-    model = models.build(cfg.model, cfg.runtime, seed=tc.seed)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if main:
+        tokenizer.save(run_dir)
+    tx, schedule = make_optimizer(cfg.optimizer, tc.steps)
+    graphdef, state, notes = create_state(
+        lambda: init_state(models.build(cfg.model, cfg.runtime, seed=tc.seed), tx, tc.seed), tx, mesh)
+    for note in notes:
+        log.info("sharding: %s", note)
+    model = nnx.merge(graphdef, state["params"])  # for describing the layers; shares the arrays
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     log.info("model: %s params, d_model=%d, %d layers, pattern %s, compute dtype %s",
              f"{n_params:,}", cfg.model.d_model, cfg.model.num_layers, "/".join(cfg.model.pattern),
              jnp.dtype(model.dtype).name)
@@ -147,8 +170,6 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
     log.info("training FLOPs/token: %.3g (%s)", flops_total,
              ", ".join(f"{k} {v / flops_total:.0%}" for k, v in flops.items()))
 
-    tx, schedule = make_optimizer(cfg.optimizer, tc.steps)
-    graphdef, state = init_state(model, tx, tc.seed)
     del model
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
     train_iter = make_train_iterator(cfg.data, seed=tc.seed)
@@ -157,8 +178,10 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
         step0, state, data_state = restored
         train_iter.set_state(data_state)
         log.info("resumed from checkpoint step %d", step0)
+    elif tc.init_from:
+        state["params"] = _warm_start(tc.init_from, graphdef, state["params"])
     step = start_step = int(state["step"])
-    eval_batches = make_eval_batches(cfg.data, tc.eval_batches)
+    eval_batches = [place_batch(b, mesh) for b in make_eval_batches(cfg.data, tc.eval_batches)]
     unigram = unigram_bits_per_byte(cfg.data)
     if unigram is not None:
         log.info("baseline: the training split's unigram entropy is %.3f bits/byte", unigram)
@@ -168,8 +191,9 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
     eval_step = make_eval_step(graphdef)
     peak, peak_src = peak_flops(models.resolve_dtype(cfg.runtime))
     log.info("MFU peak: %.3g FLOP/s per device (%s)", peak, peak_src)
-    meter = Throughput(flops_total, peak)  # one device until the mesh (sharding) lands
-    logger = RunLogger(run_dir, tc.steps, step)
+    # Simulated CPU devices share the host's cores: the measured CPU peak is per process.
+    meter = Throughput(flops_total, peak, jax.process_count() if jax.default_backend() == "cpu" else mesh.size)
+    logger = RunLogger(run_dir, tc.steps, step, main=main)
     last_saved = step if restored is not None else None
     summary: dict = {}
 
@@ -180,10 +204,10 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
             last_saved = at
 
     try:
-        with _StopSignal() as stop:
+        with _StopSignal() as stop, use_mesh(mesh):
             t_start = time.perf_counter()
             while step < tc.steps:
-                batch = next(train_iter)
+                batch = place_batch(next(train_iter), mesh)
                 state, m = train_step(state, batch)
                 m = jax.device_get(m)
                 if not bool(m["finite"]):
@@ -229,7 +253,8 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
             logger.console_line("eval", step, ev, ("loss", "bits_per_byte", "perplexity", "accuracy"))
             summary = {"step": step, "eval": ev, "unigram_bits_per_byte": unigram, "train_seconds": train_time,
                        "params": n_params, "flops_per_token": flops_total}
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if main:
+                (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             return summary
     finally:
         logger.close()

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from layers.sharding import constrain
 from models import lm_loss
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -41,6 +42,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     batch: dict of [B, T] arrays (BATCH_KEYS). With grad_accum = A the batch is cut into A
     micro-batches of B / A rows, scanned over, and their gradients summed; every micro-batch
     loss is divided by the token count of the whole batch, so the result equals one big batch.
+    Micro-batch i takes rows i, i + A, i + 2A, ...: with the batch split by rows over devices,
+    each device then holds its own share of every micro-batch and no rows move.
     A step whose loss or gradient norm is not finite leaves params and optimizer state unchanged
     and reports `finite = False` (the loop then stops the run).
     """
@@ -56,7 +59,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         if grad_accum == 1:
             (loss, aux), grads = grad_fn(params, batch, normalizer)
         else:
-            micro = jax.tree.map(lambda a: a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:]), batch)
+            micro = jax.tree.map(lambda a: constrain(
+                a.reshape(a.shape[0] // grad_accum, grad_accum, *a.shape[1:]).swapaxes(0, 1), (None, "batch")), batch)
             zeros = jax.tree.map(jnp.zeros_like, params)
 
             def body(carry, mb):

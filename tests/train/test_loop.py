@@ -19,7 +19,8 @@ from train.loop import NonFiniteError, run
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["model.d_model=64", "model.mixers.attn.num_heads=2", "model.mixers.swa.num_heads=2",
          "model.mixers.swa.window=16", "data.seq_len=64", "data.batch_size=4", "optimizer.warmup_steps=2",
-         "optimizer.lr=3e-3", "train.eval_batches=2", "train.log_every=1", "train.eval_every=0"]
+         "optimizer.lr=3e-3", "train.eval_batches=2", "train.log_every=1", "train.eval_every=0",
+         "runtime.mesh_data=1"]
 
 
 def small(*extra):
