@@ -20,7 +20,7 @@ batch of random bytes):
   shared 2-core machine one measurement can be low; all printed).
 
 Then it runs `benchmarks/torch_peer.py` under `.venv-torch/bin/python` (made by
-`bash benchmarks/setup_torch.sh`) for the same shape, dtype, optimizer, data and initial weights
+`bash scripts/setup_torch.sh`) for the same shape, dtype, optimizer, data and initial weights
 (Chimera's are handed over in an .npz), one process after the other, never concurrently. The
 peer's tokens/s gets the same FLOPs/token and the same peak, so the two MFU columns compare
 directly. "loss d first/last" is |Chimera - torch| of the loss at the first step (same weights,
@@ -278,7 +278,7 @@ def main() -> None:
     elif not on_cpu:
         torch_note = f"torch peer skipped: it is CPU torch and jax runs on {backend}"
     elif not torch_py.exists():
-        torch_note = (f"torch peer skipped: {torch_py} is missing; run `bash benchmarks/setup_torch.sh` "
+        torch_note = (f"torch peer skipped: {torch_py} is missing; run `bash scripts/setup_torch.sh` "
                       "to create .venv-torch")
     run_torch = not torch_note
 

@@ -37,8 +37,8 @@ class Attention(nnx.Module):
         self.v_proj = Dense(d, self.kv_heads * hd, **proj)
         self.o_proj = Dense(self.heads * hd, d, axes=("heads", "embed"), std=ctx.out_std, dtype=ctx.dtype, rngs=rngs)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd)
-            self.k_norm = RMSNorm(hd)
+            self.q_norm = RMSNorm(hd, eps=ctx.norm_eps)
+            self.k_norm = RMSNorm(hd, eps=ctx.norm_eps)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array, cache=None):
         """x [B, T, d]; positions, segment_ids [B, T] int32 -> (y [B, T, d], cache)."""

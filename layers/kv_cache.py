@@ -3,6 +3,10 @@
 The cache stores, per slot, k/v plus the segment id and position of the token held there
 (segment 0 = empty). Attention masks by positions and segments only, so slot order does not
 matter and a sliding-window layer needs just `window` slots, overwritten in ring order.
+
+A full-attention cache must be made big enough for every token it will see (`init_cache`'s
+max_len): writing more wraps it like a ring, which silently turns it into a window. Nothing
+inside jit can raise on that, so the caller sizes it (train/generate.py uses prompt + new tokens).
 """
 from __future__ import annotations
 

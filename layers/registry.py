@@ -24,6 +24,7 @@ class LayerContext:
     runtime: RuntimeConfig
     init_std: float  # std of input projections
     out_std: float  # std of projections that write into the residual stream
+    norm_eps: float = 1e-6  # eps of every RMSNorm inside a mixer (model.norm_eps)
 
 
 _MIXERS: dict[type[MixerConfig], type] = {}
@@ -35,6 +36,11 @@ def register_mixer(config_cls: type[MixerConfig]):
         _MIXERS[config_cls] = module_cls
         return module_cls
     return deco
+
+
+def registered_mixers() -> dict[type[MixerConfig], type]:
+    """Every registered config class -> its mixer module class (for conformance tests)."""
+    return dict(_MIXERS)
 
 
 def mixer_class(cfg: MixerConfig) -> type:

@@ -39,7 +39,7 @@ class LM(nnx.Module):
         # Projections into the residual stream get std / sqrt(2 * layers) (GPT-2), so the
         # residual variance does not grow with depth at initialisation.
         ctx = LayerContext(d_model=cfg.d_model, dtype=dtype, runtime=runtime, init_std=cfg.init_std,
-                           out_std=cfg.init_std / math.sqrt(2 * cfg.num_layers))
+                           out_std=cfg.init_std / math.sqrt(2 * cfg.num_layers), norm_eps=cfg.norm_eps)
         self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, dtype=dtype, rngs=rngs)
         self.stack = Stack(cfg, ctx, rngs=rngs)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)

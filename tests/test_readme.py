@@ -14,7 +14,7 @@ def readme_commands() -> list[str]:
 def test_readme_starts_with_the_two_commands():
     cmds = readme_commands()
     assert cmds == ["bash scripts/setup.sh && .venv/bin/python -m train",
-                    "bash scripts/setup.sh && .venv/bin/python -m pytest"]
+                    "bash scripts/setup.sh && bash scripts/setup_torch.sh && .venv/bin/python -m pytest"]
 
 
 def test_ci_runs_the_readme_test_command():

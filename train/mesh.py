@@ -115,9 +115,15 @@ def state_shardings(abstract_state: dict, tx: optax.GradientTransformation, mesh
 def create_state(init: Callable[[], tuple[Any, dict]], tx: optax.GradientTransformation,
                  mesh: Mesh) -> tuple[Any, dict, list[str]]:
     """Run `init() -> (graphdef, TrainState)` once abstractly to learn the shapes, then for real
-    under jit with the state's shardings as outputs. Returns (graphdef, state, notes)."""
+    under jit with the state's shardings as outputs. Returns (graphdef, state, notes).
+
+    On a one-device mesh the state is made eagerly instead: compiling the init of every param
+    costs seconds (18 s against 4 s for a small model on a CPU) and buys nothing there.
+    """
     graphdef, abstract = nnx.eval_shape(init)
     shardings, notes = state_shardings(abstract, tx, mesh)
+    if mesh.size == 1:
+        return graphdef, jax.device_put(init()[1], shardings), notes
     state = jax.jit(lambda: init()[1], out_shardings=shardings)()
     return graphdef, state, notes
 
