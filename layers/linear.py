@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.sharding import param
+from layers.sharding import constrain, param
 
 
 class Dense(nnx.Module):
@@ -38,7 +38,11 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, T] int -> [B, T, d] in the compute dtype."""
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        # Gather the FSDP shards of the table first (as FSDP does for every weight): the
+        # batch is split over "fsdp" too, and a lookup whose table and rows both want that
+        # axis makes XLA replicate and re-split the output.
+        table = constrain(self.embedding[...], ("vocab", None))
+        return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x [..., d] -> logits [..., vocab] (x @ E^T), in the compute dtype."""
