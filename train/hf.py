@@ -55,8 +55,8 @@ from pathlib import Path
 import numpy as np
 
 from train.config import AttentionConfig, Config, ConfigError, ModelConfig
-from train.export import (ParamRef, SafetensorsReader, TensorOut, assign_params, param_refs,
-                          read_param, short_list, param_variables)
+from train.export import ParamRef, assign_params, param_refs, read_param, short_list, param_variables
+from train.safetensors_io import SafetensorsReader, TensorOut
 
 log = logging.getLogger("chimera.hf")
 

@@ -19,10 +19,10 @@ from train.checkpoint import Checkpointer
 from train.config import (AttentionConfig, Config, ConfigError, DataConfig, ModelConfig, TrainConfig,
                           to_dict)
 from train.data.tokenizer import ByteTokenizer
-from train.export import (SafetensorsReader, TensorOut, assign_params, chimera_tensors, export_run,
-                          load_chimera_safetensors, load_exported, main, param_refs, plan_shards,
-                          write_safetensors)
+from train.export import (assign_params, chimera_tensors, export_run, load_chimera_safetensors, load_exported,
+                          main, param_refs)
 from train.optim import make_optimizer
+from train.safetensors_io import SafetensorsReader, TensorOut, plan_shards, write_safetensors
 from train.step import init_state
 
 # The default job's architecture (configs/tiny.py: 3 sliding-window : 1 full, GQA, tied), small.

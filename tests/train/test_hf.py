@@ -28,10 +28,10 @@ from train.artifacts import load_run
 from train.cli import load_config
 from train.config import AttentionConfig, ConfigError, MixerConfig, ModelConfig, to_dict
 from train.data.tokenizer import build_tokenizer
-from train.export import (SafetensorsReader, TensorOut, chimera_tensors, export_run, main as export_main,
-                          write_safetensors)
+from train.export import chimera_tensors, export_run, main as export_main
 from train.hf import hf_arch, import_params, model_config_from_hf
 from train.import_hf import main as import_main
+from train.safetensors_io import SafetensorsReader, TensorOut, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCH_PY = ROOT / ".venv-torch" / "bin" / "python"
