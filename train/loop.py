@@ -23,11 +23,11 @@ import numpy as np
 from flax import nnx
 
 import models
+from layers.sharding import use_mesh
 from train.checkpoint import Checkpointer, abstract_like
 from train.config import Config, ConfigError, from_dict, to_dict
 from train.data import (get_tokenizer, make_eval_batches, make_train_iterator, task_vocab_size,
                         unigram_bits_per_byte)
-from layers.sharding import use_mesh
 from train.logger import RunLogger
 from train.mesh import check_batch, create_state, describe as describe_mesh, init_distributed, make_mesh, place_batch
 from train.metrics import Throughput, peak_flops

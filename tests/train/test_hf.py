@@ -273,3 +273,29 @@ def test_transformers_computes_our_logits(exports, tmp_path):
     unwindowed = import_params(exports["ministral"][1], abstract(full))
     gap = np.abs(our_logits(unwindowed, tokens) - np.load(tmp_path / "ministral-out.npz")["logits"]).max()
     assert gap > 1e-2 * np.abs(ours).max()
+
+
+def test_warm_start_trains_from_the_imported_weights_under_a_mesh(exports, tmp_path):
+    """train.init_from through the loop, sharded (fsdp x tensor): the first step's loss is the
+    loss of the imported model on the first batch, so the weights were loaded, not re-initialised."""
+    import jax.numpy as jnp
+
+    import models
+    from models import lm_loss
+    from train.data import make_train_iterator
+    from train.loop import run
+
+    _, hf_dir = exports["llama"]
+    out = tmp_path / "cfg.json"
+    assert import_main([str(hf_dir), "--out", str(out), "train.steps=1", "optimizer.warmup_steps=0",
+                        "data.seq_len=32", "data.batch_size=4", "train.eval_batches=1",
+                        "runtime.mesh_data=1", "runtime.mesh_fsdp=2", "runtime.mesh_tensor=2"]) == 0
+    cfg = load_config(str(out))
+    run(cfg, tmp_path / "run")
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    model = import_params(hf_dir, models.build(cfg.model, cfg.runtime, seed=123))
+    batch = next(make_train_iterator(cfg.data, seed=cfg.train.seed))
+    logits, _ = model(jnp.asarray(batch["inputs"]), positions=jnp.asarray(batch["positions"]),
+                      segment_ids=jnp.asarray(batch["segment_ids"]))
+    expected, _ = lm_loss(logits, jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"]))
+    assert rec["step"] == 1 and abs(rec["loss"] - float(expected)) < 1e-4 * float(expected)
