@@ -281,6 +281,10 @@ class RuntimeConfig:
       without batch dims, i.e. weight matmuls, recompute attention).
     attention_impl: None tries the best implementation for the platform; "xla" or "reference"
       forces one (and fails loudly if it cannot serve a call).
+    linear_attention_impl: the same for `pallas_kernels.chunked_linear_attention` (every
+      linear-attention mixer): None, "xla", "reference", "gpu" (Pallas Triton) or "tpu"
+      (Pallas Mosaic).
+    linear_attention_chunk: chunk length of the chunked linear-attention implementations.
     mesh_data, mesh_fsdp, mesh_tensor: the device mesh (train/mesh.py, layers/sharding.py):
       data parallel, fully-sharded data parallel (params split too) and tensor parallel sizes.
       At most one may be -1, meaning "all the devices the others leave"; their product must
@@ -294,6 +298,8 @@ class RuntimeConfig:
     attention_impl: Literal["xla", "reference"] | None = None
     attention_block_q: int = 128
     attention_block_k: int = 128
+    linear_attention_impl: Literal["xla", "reference", "gpu", "tpu"] | None = None
+    linear_attention_chunk: int = 64
     mesh_data: int = -1
     mesh_fsdp: int = 1
     mesh_tensor: int = 1
@@ -302,7 +308,7 @@ class RuntimeConfig:
     MESH_FIELDS: ClassVar[tuple[str, ...]] = ("mesh_data", "mesh_fsdp", "mesh_tensor")
 
     def check(self) -> None:
-        for name in ("attention_block_q", "attention_block_k"):
+        for name in ("attention_block_q", "attention_block_k", "linear_attention_chunk"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ConfigError(f"runtime.{name} must be a power of two, got {v}")
