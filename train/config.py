@@ -516,3 +516,6 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"override {item!r} has an empty key")
         _set_in_dict(d, Config, keys, raw.strip(), "")
     return from_dict(Config, d)
+
+
+from train import linear_attention_config  # noqa: E402,F401  (registers the linear-attention mixer kinds)

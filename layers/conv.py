@@ -1,0 +1,104 @@
+"""Short depthwise causal convolution over time, document-aware, with a decode cache.
+
+    y_t[c] = b[c] + sum_{j=0}^{W-1} w[j, c] * x_{t-j}[c]      (x_{t-j} counts only if it is a
+                                                            non-padding token of t's document)
+
+Linear-attention mixers (Mamba2's x/B/C path, optional q/k/v convolutions of GLA, RetNet, ...)
+use it to give each token a little local context before the recurrence. A token never sees a
+token of another document, so a packed row computes every document exactly as if it were alone
+(zero left padding at each document start). Documents follow the convention of the
+chunked-linear-attention op (`pallas_kernels/chunked_linear_attention/common.py`): a change to a
+nonzero segment id starts a new document; id 0 is padding.
+
+Decode cache: the last W - 1 inputs and their segment ids, so a chunk of new tokens continues
+the convolution exactly (and a new document arriving mid-decode does not see the old one).
+
+Shapes: B batch, T time, C channels, W kernel width.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.sharding import param
+
+
+def init_conv_cache(batch: int, width: int, channels: int, dtype) -> dict:
+    """Empty history: x [B, W-1, C] zeros, segment_ids [B, W-1] zeros (padding: never seen)."""
+    return {"x": jnp.zeros((batch, width - 1, channels), dtype),
+            "segment_ids": jnp.zeros((batch, width - 1), jnp.int32)}
+
+
+def _documents(segment_ids: jax.Array) -> jax.Array:
+    """int32 [B, T]: document number of each token within its row (0, 1, ...), incremented
+    where a nonzero id differs from the previous token's id (same rule as the op)."""
+    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+    starts = (segment_ids != prev) & (segment_ids != 0)
+    return jnp.cumsum(starts.astype(jnp.int32), axis=1)
+
+
+def causal_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, segment_ids: jax.Array,
+                  cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+    """Depthwise causal convolution of x [B, T, C] with kernel [W, C] (tap j multiplies x_{t-j}).
+
+    segment_ids [B, T] int. cache: None (the row starts here) or {"x": [B, W-1, C],
+    "segment_ids": [B, W-1]} holding the tokens just before x. Returns (y [B, T, C] in x.dtype,
+    new cache or None).
+    """
+    b, t, c = x.shape
+    w = kernel.shape[0]
+    hist = w - 1
+    if cache is None:
+        hx = jnp.zeros((b, hist, c), x.dtype)
+        hs = jnp.zeros((b, hist), jnp.int32)
+    else:
+        hx, hs = cache["x"].astype(x.dtype), cache["segment_ids"].astype(jnp.int32)
+    xe = jnp.concatenate([hx, x], axis=1)  # [B, W-1+T, C]
+    se = jnp.concatenate([hs, segment_ids.astype(jnp.int32)], axis=1)
+    doc = _documents(se)
+    valid = se != 0
+    kern = kernel.astype(x.dtype)
+    y = jnp.zeros((b, t, c), jnp.float32)
+    for j in range(w):  # W is 2..4: a few shifted multiply-adds beat a generic conv on CPU
+        src = slice(hist - j, hist - j + t)
+        seen = valid[:, src] & (doc[:, src] == doc[:, hist:])  # same document, not padding
+        y = y + jnp.where(seen[..., None], xe[:, src] * kern[j], 0).astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    new_cache = None
+    if cache is not None:
+        new_cache = {"x": xe[:, xe.shape[1] - hist:].astype(cache["x"].dtype),
+                     "segment_ids": se[:, se.shape[1] - hist:]}
+    return y.astype(x.dtype), new_cache
+
+
+class CausalConv1d(nnx.Module):
+    """Depthwise causal conv1d over time (see module docstring); kernel [W, C] float32.
+
+    Initialised like PyTorch's Conv1d (uniform in +-1/sqrt(fan_in), fan_in = W for depthwise);
+    the bias starts at zero. `axes` names the channel dim for sharding (e.g. "heads").
+    """
+
+    def __init__(self, channels: int, width: int, *, bias: bool = True, axes: str | None = "heads",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        if width < 2:
+            raise ValueError(f"conv width must be >= 2, got {width}")
+        bound = 1.0 / math.sqrt(width)
+        self.kernel = param(jax.random.uniform(rngs.params(), (width, channels), jnp.float32, -bound, bound),
+                            (None, axes))
+        self.bias = param(jnp.zeros((channels,), jnp.float32), (axes,)) if bias else None
+        self.width, self.channels, self.dtype = width, channels, dtype
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, cache: dict | None = None):
+        """x [B, T, C] -> (y [B, T, C], new cache or None)."""
+        return causal_conv1d(x.astype(self.dtype), self.kernel[...],
+                             None if self.bias is None else self.bias[...], segment_ids, cache)
+
+    def init_cache(self, batch: int, dtype) -> dict:
+        return init_conv_cache(batch, self.width, self.channels, dtype)
+
+    def flops_per_token(self) -> float:
+        return 2.0 * self.width * self.channels

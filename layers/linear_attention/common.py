@@ -1,0 +1,237 @@
+"""The plumbing every linear-attention mixer shares: the base class, projections, norms, caches.
+
+Every mixer in this package is the same shape (fla's layers are the model):
+
+    x [B, T, d] --projections--> (optional short conv) --> q, k, v, log decay   (`features`)
+                --chunked_linear_attention--> o [B, T, H, V']                  (this base class)
+                --norm / gate / output projection--> y [B, T, d]               (`readout`)
+
+A subclass writes only its own math: `features` and `readout`, plus its width bookkeeping. This
+base class runs the op (`pallas_kernels.chunked_linear_attention`) with the runtime's
+implementation and chunk size, handles the decode cache, the short convolution's cache and
+document boundaries, and gives the one-line description.
+
+The recurrence the op computes, per head (H heads, key dim K, value dim V'):
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T        o_t = scale * q_t S_t
+
+Normaliser trick (`append_ones`): a mixer that needs n_t = sum_s decay * k_s (vanilla linear
+attention's q.sum k, mLSTM's normaliser state) appends a column of ones to v; the op then
+returns q_t . n_t (times scale) as the last output channel, and the state carries n_t as its
+last column, so decode and document resets need nothing extra.
+
+Decode cache (`init_cache`):
+    state     float32 [B, H, K, V'], the recurrent state after the last token seen
+    segment   int32 [B], segment id of the last token seen; a new chunk whose first token has
+              another nonzero id starts a new document, so the state is zeroed first (the op
+              itself resets at later tokens of the chunk)
+    conv      the short convolution's history (layers/conv.py), when the mixer has one
+A call with T == 1 uses the op's `decode_step`; T > 1 (prefill, or chunks of tokens added to a
+filled cache) uses the chunked op with `initial_state`.
+
+Numerics: projections, q/k/v and outputs in the compute dtype (ctx.dtype); gates, decays and
+the state in float32 (DESIGN.md).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.conv import CausalConv1d
+from layers.linear import Dense
+from layers.registry import LayerContext
+from layers.sharding import constrain, param
+from pallas_kernels.chunked_linear_attention.api import chunked_linear_attention, decode_step
+from train.config import RuntimeConfig
+
+F32 = jnp.float32
+HEADS = ("batch", "seq", "act_heads", None)  # logical axes of [B, T, H, D] activations
+
+
+class OpInputs(NamedTuple):
+    """What `features` hands to the op: q [B, T, H, K], k [B, T, G, K], v [B, T, G, V'] in the
+    compute dtype (G divides H: kv head h // (H // G) serves query head h), log_decay None,
+    [B, T, H] or [B, T, H, K] float32 (<= 0)."""
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    log_decay: jax.Array | None
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def dense_in(d_in: int, d_out: int, ctx: LayerContext, rngs: nnx.Rngs, axes=("embed", "heads")) -> Dense:
+    """A projection out of the residual stream (std ctx.init_std)."""
+    return Dense(d_in, d_out, axes=axes, std=ctx.init_std, dtype=ctx.dtype, rngs=rngs)
+
+
+def dense_out(d_in: int, ctx: LayerContext, rngs: nnx.Rngs) -> Dense:
+    """The projection back into the residual stream (std ctx.out_std)."""
+    return Dense(d_in, ctx.d_model, axes=("heads", "embed"), std=ctx.out_std, dtype=ctx.dtype, rngs=rngs)
+
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+    """[B, T, H * D] -> [B, T, H, D], pinned to the heads layout."""
+    b, t, w = x.shape
+    return constrain(x.reshape(b, t, heads, w // heads), HEADS)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """[B, T, H, D] -> [B, T, H * D]."""
+    b, t, h, d = x.shape
+    return x.reshape(b, t, h * d)
+
+
+def append_ones(v: jax.Array) -> jax.Array:
+    """[..., V] -> [..., V + 1]: the op then also returns the normaliser q . n as channel V."""
+    return jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+
+
+def rms(x: jax.Array, eps: float) -> jax.Array:
+    """Parameter-free RMS normalisation over the last dim (float32 statistics, x.dtype out)."""
+    xf = x.astype(F32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class MergedHeadsNorm(nnx.Module):
+    """RMSNorm over the merged heads [B, T, H * V] (or over each of `groups` equal slices of
+    it), with a learned scale. The scale's dim is named "heads", not "norm": it multiplies an
+    activation split over heads, and a replicated scale would come back from the train step
+    split over "tensor" by XLA's sharding propagation, which changes the state's layout and
+    recompiles the step."""
+
+    def __init__(self, width: int, *, eps: float, groups: int = 1):
+        self.scale = param(jnp.ones((width,), F32), ("heads",))
+        self.eps, self.groups = eps, groups
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[:-1]
+        y = rms(x.reshape(*lead, self.groups, -1), self.eps).reshape(x.shape)
+        return (y.astype(F32) * self.scale[...]).astype(x.dtype)
+
+
+def constant_log_decay(log_gamma: jax.Array, batch: int, t: int) -> jax.Array:
+    """A fixed per-head log decay [H] broadcast to the op's [B, T, H] (float32)."""
+    return jnp.broadcast_to(log_gamma.astype(F32), (batch, t, log_gamma.shape[0]))
+
+
+def chunk_flops(heads: int, dk: int, dv: int, seq_len: int, chunk: int | None = None) -> float:
+    """Forward FLOPs per token of the chunked op (2 per multiply-add), as the chunked
+    implementations compute it: per head, a full C x C block of scores (2 C K) applied to the
+    values (2 C V), plus reading (2 K V) and writing (2 K V) the carried [K, V] state.
+    C = min(chunk, seq_len); the chunk is the runtime default (RuntimeConfig) because FLOP
+    counts are computed from the architecture alone."""
+    c = min(chunk or RuntimeConfig().linear_attention_chunk, seq_len)
+    return heads * (2.0 * c * (dk + dv) + 4.0 * dk * dv)
+
+
+def training_flops(d_model: int, proj_out: int, proj_in: int, op: float, conv: float = 0.0,
+                   extra: float = 0.0) -> float:
+    """Forward + backward (3x forward) FLOPs per token: projections d_model -> proj_out and
+    proj_in -> d_model, the op, the short conv and any `extra` forward FLOPs."""
+    return 3.0 * (2.0 * d_model * proj_out + 2.0 * proj_in * d_model + op + conv + extra)
+
+
+# ----------------------------------------------------------------------------- the base class
+
+class LinearAttentionMixer(nnx.Module):
+    """Base of every mixer on the chunked linear-attention op (see the module docstring).
+
+    A subclass's __init__ builds its projections, then calls `self.setup_op(...)` with the
+    state shape, the op's q/k scale and the channels of its short convolution. It implements
+
+        features(x, *, positions, segment_ids, conv) -> (OpInputs, aux)
+            `conv(u)` applies the short causal convolution (when conv_size > 0) to u [B, T, C]
+            with C = conv_channels, keeping documents apart and the decode cache up to date;
+            call it at most once.
+        readout(o, aux) -> y [B, T, d]
+            o [B, T, H, V'] is the op's output (zero at padding tokens); aux is what features
+            returned alongside.
+        describe_math() -> str   (the first part of `describe`)
+    """
+
+    def setup_op(self, ctx: LayerContext, *, heads: int, key_dim: int, value_dim: int,
+                 scale: float | None, conv_size: int = 0, conv_channels: int = 0,
+                 conv_bias: bool = False, rngs: nnx.Rngs) -> None:
+        """heads/key_dim/value_dim: the op's state [H, K, V'] (V' includes an appended ones
+        column); scale: multiplies q (None: 1/sqrt(K))."""
+        self.runtime = ctx.runtime
+        self.state_shape = (heads, key_dim, value_dim)
+        self.scale = 1.0 / math.sqrt(key_dim) if scale is None else float(scale)
+        self.conv = (CausalConv1d(conv_channels, conv_size, bias=conv_bias, dtype=ctx.dtype, rngs=rngs)
+                     if conv_size else None)
+
+    # -- the mixer interface
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array, cache=None):
+        """x [B, T, d]; positions, segment_ids [B, T] int32 -> (y [B, T, d], cache)."""
+        new_conv: dict[str, Any] = {}
+
+        def conv(u: jax.Array) -> jax.Array:
+            if self.conv is None:
+                return u
+            y, c = self.conv(u, segment_ids, None if cache is None else cache["conv"])
+            new_conv["cache"] = c
+            return y
+
+        ins, aux = self.features(x, positions=positions, segment_ids=segment_ids, conv=conv)
+        rt = self.runtime
+        if cache is None:
+            o, _ = chunked_linear_attention(
+                ins.q, ins.k, ins.v, ins.log_decay, segment_ids=segment_ids, scale=self.scale,
+                chunk_size=rt.linear_attention_chunk, implementation=rt.linear_attention_impl)
+            return self.readout(o, aux), None
+        o, state = self._cached(ins, segment_ids, cache)
+        new_cache = {"state": state, "segment": segment_ids[:, -1].astype(jnp.int32)}
+        if self.conv is not None:
+            new_cache["conv"] = new_conv["cache"]
+        return self.readout(o, aux), new_cache
+
+    def _cached(self, ins: OpInputs, segment_ids: jax.Array, cache: dict):
+        """The op continued from the cached state (zeroed where the first token starts a new
+        document). T == 1 is one recurrence step; longer inputs use the chunked op."""
+        first = segment_ids[:, 0]
+        starts = (first != cache["segment"]) & (first != 0)
+        state = jnp.where(starts[:, None, None, None], 0.0, cache["state"].astype(F32))
+        if ins.q.shape[1] == 1:
+            g = None if ins.log_decay is None else ins.log_decay[:, 0]
+            o, new = decode_step(ins.q[:, 0], ins.k[:, 0], ins.v[:, 0], g, state, scale=self.scale)
+            valid = first != 0  # a padding token neither writes nor decays the state
+            state = jnp.where(valid[:, None, None, None], new, state)
+            o = jnp.where(valid[:, None, None], o, 0).astype(o.dtype)[:, None]
+            return o, state
+        rt = self.runtime
+        return chunked_linear_attention(
+            ins.q, ins.k, ins.v, ins.log_decay, initial_state=state, segment_ids=segment_ids,
+            scale=self.scale, chunk_size=rt.linear_attention_chunk, implementation=rt.linear_attention_impl)
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+        """A fixed-size cache whatever max_len is: the recurrent state (float32), the last
+        segment id, and the short convolution's history (in `dtype`)."""
+        del max_len
+        cache = {"state": jnp.zeros((batch, *self.state_shape), F32),
+                 "segment": jnp.zeros((batch,), jnp.int32)}
+        if self.conv is not None:
+            cache["conv"] = self.conv.init_cache(batch, dtype)
+        return cache
+
+    def describe(self) -> str:
+        h, k, v = self.state_shape
+        conv = f", conv={self.conv.width}" if self.conv is not None else ""
+        return (f"{self.describe_math()}, state H={h} K={k} V={v}{conv}, chunked linear attention "
+                f"impl={self.runtime.linear_attention_impl or 'auto'} chunk={self.runtime.linear_attention_chunk}")
+
+    # -- what subclasses provide
+
+    def features(self, x, *, positions, segment_ids, conv: Callable[[jax.Array], jax.Array]):
+        raise NotImplementedError
+
+    def readout(self, o: jax.Array, aux) -> jax.Array:
+        raise NotImplementedError
+
+    def describe_math(self) -> str:
+        raise NotImplementedError
