@@ -44,7 +44,7 @@ def test_bad_overrides_name_the_field(override, message):
 
 
 def test_from_dict_rejects_unknown_kind_and_keys():
-    with pytest.raises(ConfigError, match="kind='gla' is not registered"):
+    with pytest.raises(ConfigError, match="kind='nope' is not registered"):
         from_dict(ModelConfig, {"mixers": {"x": {"kind": "nope"}}})
     with pytest.raises(ConfigError, match="unknown config key 'data.seqlen'"):
         from_dict(Config, {"data": {"seqlen": 3}})
