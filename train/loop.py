@@ -187,7 +187,8 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
         log.info("baseline: the training split's unigram entropy is %.3f bits/byte", unigram)
     is_text = cfg.data.source != "mqar"
     token_bytes = jnp.asarray(tokenizer.token_bytes)
-    train_step = make_train_step(graphdef, tx, schedule, grad_accum=tc.grad_accum, z_loss=cfg.model.z_loss)
+    train_step = make_train_step(graphdef, tx, schedule, grad_accum=tc.grad_accum, z_loss=cfg.model.z_loss,
+                                 state_shardings=jax.tree.map(lambda a: a.sharding, state))
     eval_step = make_eval_step(graphdef)
     peak, peak_src = peak_flops(models.resolve_dtype(cfg.runtime))
     log.info("MFU peak: %.3g FLOP/s per device (%s)", peak, peak_src)

@@ -36,8 +36,13 @@ def _forward(graphdef, params, batch):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    grad_accum: int = 1, z_loss: float = 0.0) -> Callable:
+                    grad_accum: int = 1, z_loss: float = 0.0, state_shardings=None) -> Callable:
     """Returns jitted `step(state, batch) -> (state, metrics)`.
+
+    state_shardings: the state's shardings (a pytree like the state), pinned on the output so
+    the new state keeps the layout of the old one. Without it XLA's sharding propagation may
+    hand back a param in another layout (e.g. a replicated scale split over "tensor"), and the
+    next step recompiles for the new input layout.
 
     batch: dict of [B, T] arrays (BATCH_KEYS). With grad_accum = A the batch is cut into A
     micro-batches of B / A rows, scanned over, and their gradients summed; every micro-batch
@@ -84,7 +89,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
                    "finite": finite}
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    def pinned_step(state, batch):
+        new_state, metrics = step(state, batch)
+        if state_shardings is not None:
+            new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
+        return new_state, metrics
+
+    return jax.jit(pinned_step, donate_argnums=(0,))
 
 
 def make_eval_step(graphdef) -> Callable:
