@@ -30,6 +30,9 @@ V value dim. Working layout: head-major chunks [B, H, n, C, D].
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -59,28 +62,25 @@ def chunked_linear_attention(q, k, v, log_decay, initial_state, segment_ids, *, 
     vector = p.g.ndim == 4
     g = chunks(p.g if vector else p.g[..., None])  # [B, H, n, C, K or 1]
     gc = _chunk_cumsum(g)  # chunk-local inclusive cumsum, <= 0
-    g_last = gc[:, :, :, -1:]  # [B, H, n, 1, K or 1]
 
     masks = _doc_masks(p.doc.reshape(b, n, c))
-    # Inter-chunk part: state increments, the carried-state recurrence, outputs.
-    k_end = kc * jnp.exp(g_last - gc) * masks.to_end[:, None, :, :, None]
-    ds = jnp.einsum("bhnjk,bhnjv->bhnkv", k_end, vc)  # [B, H, n, K, V]
-    decay = jnp.exp(g_last[:, :, :, 0]) * masks.carry[:, None, :, None]  # [B, H, n, K or 1]
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
-
-    def step(s, xs):
-        a, d = xs
-        return a[..., None] * s + d, s  # carry S_next, emit S_prev
-
-    to_scan = lambda x: jnp.moveaxis(x, 2, 0)
-    s_final, s_prev = lax.scan(step, s0, (to_scan(decay), to_scan(ds)))
-    s_prev = jnp.moveaxis(s_prev, 0, 2)  # [B, H, n, K, V]
-    q_inter = qc * jnp.exp(gc) * masks.reach[:, None, :, :, None]
-    o = jnp.einsum("bhnik,bhnkv->bhniv", q_inter, s_prev)
-
-    # Intra-chunk part.
-    scores = (_intra_vector if vector else _intra_scalar)(qc, kc, gc, masks.same)
-    o = o + jnp.einsum("bhnij,bhnjv->bhniv", scores, vc)
+    args = (qc, kc, vc, gc, masks, s0)
+    if not vector:
+        o, s_final = _chunked(*args, intra=_intra_scalar)
+    else:
+        # When every chunk's cumulative gate spans at most FACTOR_RANGE nats in every channel
+        # (the common case: trained gates decay by far less than 60 nats per chunk) the intra
+        # part is one matmul (`_intra_vector_factored`); otherwise (one chunk anywhere is
+        # enough) the exact sub-chunked form runs. `lax.cond` executes one of the two; the
+        # whole computation sits inside it because a cond boundary stops XLA fusing the
+        # exponentials into the matmuls. Under autodiff a cond saves the residuals of both
+        # branches (zeros for the one not taken): remat keeps the exact branch's large ones out.
+        span = jnp.max(gc[:, :, :, 0] - gc[:, :, :, -1])  # gc decreases along the chunk
+        o, s_final = lax.cond(
+            span <= FACTOR_RANGE,
+            functools.partial(_chunked, intra=_intra_vector_factored),
+            jax.checkpoint(functools.partial(_chunked, intra=_intra_vector_exact)), *args)
     o = jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(b, n * c, h, dv)
     return common.finish(o.astype(q.dtype), p.valid), s_final
 
@@ -94,7 +94,31 @@ def _chunk_cumsum(g: jax.Array) -> jax.Array:
                       precision=lax.Precision.HIGHEST)
 
 
-class _Masks:
+def _chunked(qc, kc, vc, gc, masks, s0, *, intra):
+    """Outputs [B, H, n, C, V] and the final state [B, H, K, V] from the chunked inputs:
+    qc (scale applied), kc [B, H, n, C, K], vc [B, H, n, C, V], gc [B, H, n, C, K or 1] chunk-local
+    cumulative log decays, `masks`, s0 [B, H, K, V]; `intra` gives the intra-chunk scores."""
+    g_last = gc[:, :, :, -1:]  # [B, H, n, 1, K or 1]
+    # Inter-chunk part: state increments, the carried-state recurrence, outputs.
+    k_end = kc * jnp.exp(g_last - gc) * masks.to_end[:, None, :, :, None]
+    ds = jnp.einsum("bhnjk,bhnjv->bhnkv", k_end, vc)  # [B, H, n, K, V]
+    decay = jnp.exp(g_last[:, :, :, 0]) * masks.carry[:, None, :, None]  # [B, H, n, K or 1]
+
+    def step(s, xs):
+        a, d = xs
+        return a[..., None] * s + d, s  # carry S_next, emit S_prev
+
+    to_scan = lambda x: jnp.moveaxis(x, 2, 0)
+    s_final, s_prev = lax.scan(step, s0, (to_scan(decay), to_scan(ds)))
+    s_prev = jnp.moveaxis(s_prev, 0, 2)  # [B, H, n, K, V]
+    q_inter = qc * jnp.exp(gc) * masks.reach[:, None, :, :, None]
+    o = jnp.einsum("bhnik,bhnkv->bhniv", q_inter, s_prev)
+    # Intra-chunk part.
+    scores = intra(qc, kc, gc, masks.same)
+    return o + jnp.einsum("bhnij,bhnjv->bhniv", scores, vc), s_final
+
+
+class _Masks(NamedTuple):
     """Document masks of the chunks; `doc` [B, n, C] (see common.prepare).
 
     same  [B, n, C, C]: j <= i and tokens i, j in the same document;
@@ -103,8 +127,10 @@ class _Masks:
     carry [B, n]:       the carried state survives the whole chunk.
     """
 
-    def __init__(self, same, reach, to_end, carry):
-        self.same, self.reach, self.to_end, self.carry = same, reach, to_end, carry
+    same: jax.Array
+    reach: jax.Array
+    to_end: jax.Array
+    carry: jax.Array
 
 
 def _doc_masks(doc: jax.Array) -> _Masks:
@@ -126,28 +152,18 @@ def _intra_scalar(qc, kc, gc, same):
     return jnp.einsum("bhnik,bhnjk->bhnij", qc, kc) * decay
 
 
-def _intra_vector(qc, kc, gc, same):
-    """Scores [B, H, n, C, C] = sum_k q_ik k_jk exp(G_ik - G_jk), masked; gc [B, H, n, C, K].
-
-    When every chunk's cumulative gate spans at most FACTOR_RANGE nats in every channel (the
-    common case: trained gates decay by far less than 60 nats per chunk), one matmul does it:
-    factor at each chunk's midpoint M, (q * exp(G - M)) (k * exp(M - G))^T, all exponents in
-    [-30, 30] so nothing overflows or underflows in float32. Otherwise (one chunk anywhere is
-    enough) the exact sub-chunked form runs instead; `lax.cond` executes only one of the two.
-    """
-    span = jnp.max(gc[:, :, :, 0] - gc[:, :, :, -1])  # gc decreases along the chunk
-    return lax.cond(span <= FACTOR_RANGE, _intra_vector_factored, _intra_vector_exact,
-                    qc, kc, gc, same)
-
-
 def _intra_vector_factored(qc, kc, gc, same):
+    """Per-channel-decay scores [B, H, n, C, C] as one matmul, factored at each chunk's
+    midpoint M: (q * exp(G - M)) (k * exp(M - G))^T. Only for chunks whose gates span at most
+    FACTOR_RANGE nats: all exponents then lie in [-30, 30] and nothing overflows in float32."""
     mid = 0.5 * (gc[:, :, :, :1] + gc[:, :, :, -1:])  # [B, H, n, 1, K]
     scores = jnp.einsum("bhnik,bhnjk->bhnij", qc * jnp.exp(gc - mid), kc * jnp.exp(mid - gc))
     return jnp.where(same[:, None], scores, 0.0)  # `where`, not a product: future pairs may be large
 
 
 def _intra_vector_exact(qc, kc, gc, same):
-    """The sub-chunked form, exact for any gates (see the module docstring)."""
+    """Scores [B, H, n, C, C] = sum_k q_ik k_jk exp(G_ik - G_jk), masked, for any gates: the
+    sub-chunked form of the module docstring."""
     b, h, n, c, dk = qc.shape
     sc = min(SUB_CHUNK, c)
     m = c // sc
