@@ -84,10 +84,13 @@ def _check(args, seg, *, chunk, tol):
         _assert_close(name, got, want, tol)
 
 
+# The conformance suite (test_chunked_linear_attention.py) covers the common cases in the
+# default tier; the ones it shares are `slow` here.
 @pytest.mark.parametrize("decay,chunk,kw", [
-    ("scalar", 16, dict()),                                       # GQA, segments, s0, T=45
+    pytest.param("scalar", 16, dict(), marks=pytest.mark.slow),   # GQA, segments, s0, T=45
     ("vector", 32, dict()),                                       # per-channel, same features
-    ("none", 64, dict(t=70, h=2, g=2, dk=32, segments=False)),   # plain linear attention
+    pytest.param("none", 64, dict(t=70, h=2, g=2, dk=32, segments=False),
+                 marks=pytest.mark.slow),                         # plain linear attention
     ("scalar", 32, dict(t=70, h=2, g=1, dv=32, s0=False)),       # MQA, V != K, no state
 ])
 def test_matches_reference_fp32(decay, chunk, kw):

@@ -43,16 +43,20 @@ class Case:
         return self.name
 
 
+# The conformance suite (test_chunked_linear_attention.py) runs this implementation on its own
+# cases in the default tier; here only the strong-decay case is default, the rest `slow`.
+_SLOW = pytest.mark.slow
 CASES = [
-    Case("scalar_gqa_ragged_packed_init", "scalar", chunk=32),
+    pytest.param(Case("scalar_gqa_ragged_packed_init", "scalar", chunk=32), marks=_SLOW),
     # chunk 64 = four 16-token sub-chunks: reference-gate matmuls and the exact diagonal path;
     # gain 20 makes within-chunk decays of hundreds of nats, exp(+G) would overflow
     Case("channel_gqa_strong_decay_c64", "channel", chunk=64, decay_gain=20.0),
     # one chunk, shorter than the chunk: the first grid step is also the last
-    Case("none_mha_single_doc_t_lt_chunk", "none", chunk=16, t=11, heads=2, kv_heads=2, dk=8,
-         dv=16, segments=False, initial_state=False),
+    pytest.param(Case("none_mha_single_doc_t_lt_chunk", "none", chunk=16, t=11, heads=2,
+                      kv_heads=2, dk=8, dv=16, segments=False, initial_state=False), marks=_SLOW),
     # (per-head decay in bfloat16 is in the conformance suite, test_chunked_linear_attention.py)
-    Case("channel_bf16_mqa", "channel", chunk=32, heads=2, kv_heads=1, dtype="bfloat16"),
+    pytest.param(Case("channel_bf16_mqa", "channel", chunk=32, heads=2, kv_heads=1,
+                      dtype="bfloat16"), marks=_SLOW),
 ]
 
 
@@ -134,7 +138,7 @@ def test_interpret_matches_reference(case: Case):
 # ----------------------------------------------------------------------------- refusals, dispatch
 
 def test_refusals():
-    q, k, v, decay, s0, seg = make_inputs(CASES[0])
+    q, k, v, decay, s0, seg = make_inputs(CASES[0].values[0])
     if jax.default_backend() != "tpu":
         with pytest.raises(NotImplementedError, match="TPU backend"):
             tpu.chunked_linear_attention(q, k, v, decay, s0, seg, scale=0.3, chunk_size=32)
