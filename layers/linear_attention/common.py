@@ -47,6 +47,7 @@ from layers.registry import LayerContext
 from layers.sharding import constrain, param
 from pallas_kernels.chunked_linear_attention.api import chunked_linear_attention, decode_step
 from train.config import RuntimeConfig
+from train.linear_attention_config import head_width
 
 F32 = jnp.float32
 HEADS = ("batch", "seq", "act_heads", None)  # logical axes of [B, T, H, D] activations
@@ -129,6 +130,26 @@ def chunk_flops(heads: int, dk: int, dv: int, seq_len: int, chunk: int | None = 
     return heads * (2.0 * c * (dk + dv) + 4.0 * dk * dv)
 
 
+def qkv_widths(cfg, d_model: int) -> tuple[int, int]:
+    """Per-head key and value widths (K, V) of a config with num_heads, expand_k, expand_v."""
+    h, kind = cfg.num_heads, cfg.kind
+    return (head_width(d_model, cfg.expand_k, h, kind, "expand_k"),
+            head_width(d_model, cfg.expand_v, h, kind, "expand_v"))
+
+
+def qkv_training_flops(cfg, d_model: int, seq_len: int, *, gate_width: int = 0,
+                       value_extra: int = 0, extra: float = 0.0) -> float:
+    """`training_flops` of a mixer built with `setup_qkv`: q/k/v projections (through the
+    conv), `gate_width` more output channels out of the residual stream, the op on a state
+    with `value_extra` appended value channels, and `extra` forward FLOPs."""
+    h = cfg.num_heads
+    dk, dv = qkv_widths(cfg, d_model)
+    conv_ch = h * (2 * dk + dv)
+    return training_flops(d_model, conv_ch + gate_width, h * dv,
+                          chunk_flops(h, dk, dv + value_extra, seq_len),
+                          conv=2.0 * cfg.conv_size * conv_ch, extra=extra)
+
+
 def training_flops(d_model: int, proj_out: int, proj_in: int, op: float, conv: float = 0.0,
                    extra: float = 0.0) -> float:
     """Forward + backward (3x forward) FLOPs per token: projections d_model -> proj_out and
@@ -164,6 +185,28 @@ class LinearAttentionMixer(nnx.Module):
         self.scale = 1.0 / math.sqrt(key_dim) if scale is None else float(scale)
         self.conv = (CausalConv1d(conv_channels, conv_size, bias=conv_bias, dtype=ctx.dtype, rngs=rngs)
                      if conv_size else None)
+
+    def setup_qkv(self, cfg, ctx: LayerContext, rngs: nnx.Rngs) -> int:
+        """The q, k, v projections of the mixers whose front half is plain q/k/v (linear,
+        retention, lightning, gla): sets heads, dk, dv, q_proj, k_proj, v_proj from
+        cfg.num_heads / expand_k / expand_v. Returns the short conv's channel count."""
+        d, h = ctx.d_model, cfg.num_heads
+        self.heads = h
+        self.dk, self.dv = qkv_widths(cfg, d)
+        self.q_proj = dense_in(d, h * self.dk, ctx, rngs)
+        self.k_proj = dense_in(d, h * self.dk, ctx, rngs)
+        self.v_proj = dense_in(d, h * self.dv, ctx, rngs)
+        return h * (2 * self.dk + self.dv)
+
+    def project_qkv(self, x: jax.Array, conv: Callable[[jax.Array], jax.Array]):
+        """x [B, T, d] -> q, k [B, T, H, K], v [B, T, H, V], through the short conv + SiLU
+        when the mixer has one (one conv over the concatenated projections, as fla does)."""
+        h, dk = self.heads, self.dk
+        qkv = conv(jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1))
+        if self.conv is not None:
+            qkv = jax.nn.silu(qkv)
+        q, k, v = jnp.split(qkv, [h * dk, 2 * h * dk], axis=-1)
+        return split_heads(q, h), split_heads(k, h), split_heads(v, h)
 
     # -- the mixer interface
 

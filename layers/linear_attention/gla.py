@@ -27,7 +27,7 @@ from layers.linear_attention.common import LinearAttentionMixer, OpInputs
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
 from layers.sharding import param
-from train.linear_attention_config import GLAConfig, head_width
+from train.linear_attention_config import GLAConfig
 
 F32 = jnp.float32
 
@@ -37,12 +37,7 @@ class GLA(LinearAttentionMixer):
     def __init__(self, cfg: GLAConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, h = ctx.d_model, cfg.num_heads
-        self.heads = h
-        self.dk = head_width(d, cfg.expand_k, h, "gla", "expand_k")
-        self.dv = head_width(d, cfg.expand_v, h, "gla", "expand_v")
-        self.q_proj = common.dense_in(d, h * self.dk, ctx, rngs)
-        self.k_proj = common.dense_in(d, h * self.dk, ctx, rngs)
-        self.v_proj = common.dense_in(d, h * self.dv, ctx, rngs)
+        conv_channels = self.setup_qkv(cfg, ctx, rngs)
         self.r_proj = common.dense_in(d, h * self.dv, ctx, rngs)  # output gate
         r = cfg.gate_low_rank_dim
         self.gk_down = common.dense_in(d, r, ctx, rngs, axes=("embed", None))  # rank 16: whole
@@ -51,18 +46,13 @@ class GLA(LinearAttentionMixer):
         self.o_norm = RMSNorm(self.dv, eps=ctx.norm_eps)
         self.o_proj = common.dense_out(h * self.dv, ctx, rngs)
         self.setup_op(ctx, heads=h, key_dim=self.dk, value_dim=self.dv, scale=None,
-                      conv_size=cfg.conv_size, conv_channels=h * (2 * self.dk + self.dv), rngs=rngs)
+                      conv_size=cfg.conv_size, conv_channels=conv_channels, rngs=rngs)
 
     def features(self, x, *, positions, segment_ids, conv):
-        h, dk = self.heads, self.dk
-        qkv = conv(jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1))
-        if self.conv is not None:
-            qkv = jax.nn.silu(qkv)
-        q, k, v = jnp.split(qkv, [h * dk, 2 * h * dk], axis=-1)
+        q, k, v = self.project_qkv(x, conv)
         gk = self.gk_up(self.gk_down(x)).astype(F32) + self.gk_bias[...]
         log_alpha = jax.nn.log_sigmoid(gk) / self.cfg.gate_logit_normalizer
-        ins = OpInputs(common.split_heads(q, h), common.split_heads(k, h), common.split_heads(v, h),
-                       common.split_heads(log_alpha, h))
+        ins = OpInputs(q, k, v, common.split_heads(log_alpha, self.heads))
         return ins, self.r_proj(x)
 
     def readout(self, o, gate):
@@ -72,11 +62,8 @@ class GLA(LinearAttentionMixer):
     @staticmethod
     def flops_per_token(cfg: GLAConfig, d_model: int, seq_len: int) -> float:
         h, r = cfg.num_heads, cfg.gate_low_rank_dim
-        dk = head_width(d_model, cfg.expand_k, h, "gla", "expand_k")
-        dv = head_width(d_model, cfg.expand_v, h, "gla", "expand_v")
-        conv_ch = h * (2 * dk + dv)
-        return common.training_flops(d_model, conv_ch + h * dv + r, h * dv, common.chunk_flops(h, dk, dv, seq_len),
-                                     conv=2.0 * cfg.conv_size * conv_ch, extra=2.0 * r * h * dk)
+        dk, dv = common.qkv_widths(cfg, d_model)
+        return common.qkv_training_flops(cfg, d_model, seq_len, gate_width=h * dv + r, extra=2.0 * r * h * dk)
 
     def describe_math(self) -> str:
         c = self.cfg

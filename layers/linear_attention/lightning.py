@@ -36,7 +36,7 @@ from flax import nnx
 from layers.linear_attention import common
 from layers.linear_attention.common import LinearAttentionMixer, OpInputs
 from layers.registry import LayerContext, register_mixer
-from train.linear_attention_config import LightningConfig, head_width
+from train.linear_attention_config import LightningConfig
 
 GATES = {"none": lambda u: u, "sigmoid": jax.nn.sigmoid, "swish": jax.nn.silu}
 
@@ -58,29 +58,18 @@ class Lightning(LinearAttentionMixer):
     def __init__(self, cfg: LightningConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, h = ctx.d_model, cfg.num_heads
-        self.heads = h
-        self.dk = head_width(d, cfg.expand_k, h, "lightning", "expand_k")
-        self.dv = head_width(d, cfg.expand_v, h, "lightning", "expand_v")
+        conv_channels = self.setup_qkv(cfg, ctx, rngs)
         self.eps = ctx.norm_eps
-        self.q_proj = common.dense_in(d, h * self.dk, ctx, rngs)
-        self.k_proj = common.dense_in(d, h * self.dk, ctx, rngs)
-        self.v_proj = common.dense_in(d, h * self.dv, ctx, rngs)
         self.u_proj = common.dense_in(d, h * self.dv, ctx, rngs)
         self.o_proj = common.dense_out(h * self.dv, ctx, rngs)
         self.log_lambda = tuple(float(-s * cfg.slope_scale) for s in alibi_slopes(h))
         self.setup_op(ctx, heads=h, key_dim=self.dk, value_dim=self.dv, scale=None,
-                      conv_size=cfg.conv_size, conv_channels=h * (2 * self.dk + self.dv), rngs=rngs)
+                      conv_size=cfg.conv_size, conv_channels=conv_channels, rngs=rngs)
 
     def features(self, x, *, positions, segment_ids, conv):
-        h, dk = self.heads, self.dk
-        qkv = conv(jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1))
-        if self.conv is not None:
-            qkv = jax.nn.silu(qkv)
-        q, k, v = jnp.split(qkv, [h * dk, 2 * h * dk], axis=-1)
-        q = jax.nn.silu(common.split_heads(q, h))
-        k = jax.nn.silu(common.split_heads(k, h))
+        q, k, v = self.project_qkv(x, conv)
         g = common.constant_log_decay(jnp.asarray(self.log_lambda), x.shape[0], x.shape[1])
-        return OpInputs(q, k, common.split_heads(v, h), g), self.u_proj(x)
+        return OpInputs(jax.nn.silu(q), jax.nn.silu(k), v, g), self.u_proj(x)
 
     def readout(self, o, u):
         o = common.rms(common.merge_heads(o), self.eps)
@@ -89,12 +78,8 @@ class Lightning(LinearAttentionMixer):
 
     @staticmethod
     def flops_per_token(cfg: LightningConfig, d_model: int, seq_len: int) -> float:
-        h = cfg.num_heads
-        dk = head_width(d_model, cfg.expand_k, h, "lightning", "expand_k")
-        dv = head_width(d_model, cfg.expand_v, h, "lightning", "expand_v")
-        conv_ch = h * (2 * dk + dv)
-        return common.training_flops(d_model, conv_ch + h * dv, h * dv, common.chunk_flops(h, dk, dv, seq_len),
-                                     conv=2.0 * cfg.conv_size * conv_ch)
+        _, dv = common.qkv_widths(cfg, d_model)
+        return common.qkv_training_flops(cfg, d_model, seq_len, gate_width=cfg.num_heads * dv)
 
     def describe_math(self) -> str:
         lam = np.exp(np.asarray(self.log_lambda))

@@ -27,7 +27,7 @@ from layers.linear_attention import common
 from layers.linear_attention.common import LinearAttentionMixer, OpInputs
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
-from train.linear_attention_config import LinearAttnConfig, head_width
+from train.linear_attention_config import LinearAttnConfig
 
 EPS = 1e-6
 
@@ -43,25 +43,16 @@ class LinearAttention(LinearAttentionMixer):
     def __init__(self, cfg: LinearAttnConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, h = ctx.d_model, cfg.num_heads
-        self.heads = h
-        self.dk = head_width(d, cfg.expand_k, h, "linear", "expand_k")
-        self.dv = head_width(d, cfg.expand_v, h, "linear", "expand_v")
-        self.q_proj = common.dense_in(d, h * self.dk, ctx, rngs)
-        self.k_proj = common.dense_in(d, h * self.dk, ctx, rngs)
-        self.v_proj = common.dense_in(d, h * self.dv, ctx, rngs)
+        conv_channels = self.setup_qkv(cfg, ctx, rngs)
         self.o_norm = RMSNorm(self.dv, eps=ctx.norm_eps) if cfg.output_norm else None
         self.o_proj = common.dense_out(h * self.dv, ctx, rngs)
         self.setup_op(ctx, heads=h, key_dim=self.dk, value_dim=self.dv + cfg.normalize, scale=None,
-                      conv_size=cfg.conv_size, conv_channels=h * (2 * self.dk + self.dv), rngs=rngs)
+                      conv_size=cfg.conv_size, conv_channels=conv_channels, rngs=rngs)
 
     def features(self, x, *, positions, segment_ids, conv):
-        h, dk = self.heads, self.dk
-        qkv = conv(jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1))
-        if self.conv is not None:
-            qkv = jax.nn.silu(qkv)
-        q, k, v = jnp.split(qkv, [h * dk, 2 * h * dk], axis=-1)
+        q, k, v = self.project_qkv(x, conv)
         phi = FEATURE_MAPS[self.cfg.feature_map]
-        q, k, v = phi(common.split_heads(q, h)), phi(common.split_heads(k, h)), common.split_heads(v, h)
+        q, k = phi(q), phi(k)
         if self.cfg.normalize:
             v = common.append_ones(v)
         return OpInputs(q, k, v, None), None
@@ -76,13 +67,7 @@ class LinearAttention(LinearAttentionMixer):
 
     @staticmethod
     def flops_per_token(cfg: LinearAttnConfig, d_model: int, seq_len: int) -> float:
-        h = cfg.num_heads
-        dk = head_width(d_model, cfg.expand_k, h, "linear", "expand_k")
-        dv = head_width(d_model, cfg.expand_v, h, "linear", "expand_v")
-        conv_ch = h * (2 * dk + dv)
-        return common.training_flops(d_model, conv_ch, h * dv,
-                                     common.chunk_flops(h, dk, dv + cfg.normalize, seq_len),
-                                     conv=2.0 * cfg.conv_size * conv_ch)
+        return common.qkv_training_flops(cfg, d_model, seq_len, value_extra=int(cfg.normalize))
 
     def describe_math(self) -> str:
         c = self.cfg

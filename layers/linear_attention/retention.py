@@ -34,7 +34,7 @@ from layers.linear_attention.common import LinearAttentionMixer, OpInputs
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
 from layers.rope import apply_rope
-from train.linear_attention_config import RetentionConfig, head_width
+from train.linear_attention_config import RetentionConfig
 
 
 def retention_log_decay(num_heads: int) -> np.ndarray:
@@ -48,30 +48,20 @@ class Retention(LinearAttentionMixer):
     def __init__(self, cfg: RetentionConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, h = ctx.d_model, cfg.num_heads
-        self.heads = h
-        self.dk = head_width(d, cfg.expand_k, h, "retention", "expand_k")
-        self.dv = head_width(d, cfg.expand_v, h, "retention", "expand_v")
-        self.q_proj = common.dense_in(d, h * self.dk, ctx, rngs)
-        self.k_proj = common.dense_in(d, h * self.dk, ctx, rngs)
-        self.v_proj = common.dense_in(d, h * self.dv, ctx, rngs)
+        conv_channels = self.setup_qkv(cfg, ctx, rngs)
         self.g_proj = common.dense_in(d, h * self.dv, ctx, rngs)
         self.o_norm = RMSNorm(self.dv, eps=ctx.norm_eps)
         self.o_proj = common.dense_out(h * self.dv, ctx, rngs)
         self.log_gamma = tuple(float(g) for g in retention_log_decay(h))  # static, not a param
         self.setup_op(ctx, heads=h, key_dim=self.dk, value_dim=self.dv, scale=None,
-                      conv_size=cfg.conv_size, conv_channels=h * (2 * self.dk + self.dv), rngs=rngs)
+                      conv_size=cfg.conv_size, conv_channels=conv_channels, rngs=rngs)
 
     def features(self, x, *, positions, segment_ids, conv):
-        h, dk = self.heads, self.dk
-        qkv = conv(jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1))
-        if self.conv is not None:
-            qkv = jax.nn.silu(qkv)
-        q, k, v = jnp.split(qkv, [h * dk, 2 * h * dk], axis=-1)
+        q, k, v = self.project_qkv(x, conv)
         theta = self.cfg.rope_theta
-        q = apply_rope(common.split_heads(q, h), positions, theta)
-        k = apply_rope(common.split_heads(k, h), positions, theta)
+        q, k = apply_rope(q, positions, theta), apply_rope(k, positions, theta)
         g = common.constant_log_decay(jnp.asarray(self.log_gamma), x.shape[0], x.shape[1])
-        return OpInputs(q, k, common.split_heads(v, h), g), self.g_proj(x)
+        return OpInputs(q, k, v, g), self.g_proj(x)
 
     def readout(self, o, gate):
         o = self.o_norm(o)
@@ -80,12 +70,8 @@ class Retention(LinearAttentionMixer):
 
     @staticmethod
     def flops_per_token(cfg: RetentionConfig, d_model: int, seq_len: int) -> float:
-        h = cfg.num_heads
-        dk = head_width(d_model, cfg.expand_k, h, "retention", "expand_k")
-        dv = head_width(d_model, cfg.expand_v, h, "retention", "expand_v")
-        conv_ch = h * (2 * dk + dv)
-        return common.training_flops(d_model, conv_ch + h * dv, h * dv, common.chunk_flops(h, dk, dv, seq_len),
-                                     conv=2.0 * cfg.conv_size * conv_ch)
+        _, dv = common.qkv_widths(cfg, d_model)
+        return common.qkv_training_flops(cfg, d_model, seq_len, gate_width=cfg.num_heads * dv)
 
     def describe_math(self) -> str:
         g = np.exp(np.asarray(self.log_gamma))
