@@ -24,20 +24,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.sharding import param
+from pallas_kernels.chunked_linear_attention.common import resets
 
 
 def init_conv_cache(batch: int, width: int, channels: int, dtype) -> dict:
     """Empty history: x [B, W-1, C] zeros, segment_ids [B, W-1] zeros (padding: never seen)."""
     return {"x": jnp.zeros((batch, width - 1, channels), dtype),
             "segment_ids": jnp.zeros((batch, width - 1), jnp.int32)}
-
-
-def _documents(segment_ids: jax.Array) -> jax.Array:
-    """int32 [B, T]: document number of each token within its row (0, 1, ...), incremented
-    where a nonzero id differs from the previous token's id (same rule as the op)."""
-    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
-    starts = (segment_ids != prev) & (segment_ids != 0)
-    return jnp.cumsum(starts.astype(jnp.int32), axis=1)
 
 
 def causal_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, segment_ids: jax.Array,
@@ -58,7 +51,7 @@ def causal_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, segme
         hx, hs = cache["x"].astype(x.dtype), cache["segment_ids"].astype(jnp.int32)
     xe = jnp.concatenate([hx, x], axis=1)  # [B, W-1+T, C]
     se = jnp.concatenate([hs, segment_ids.astype(jnp.int32)], axis=1)
-    doc = _documents(se)
+    doc = jnp.cumsum(resets(se).astype(jnp.int32), axis=1)  # document number per token
     valid = se != 0
     kern = kernel.astype(x.dtype)
     y = jnp.zeros((b, t, c), jnp.float32)
