@@ -17,10 +17,15 @@ outputs are again one batched matmul. Everything is float32 (on AVX2 CPUs bf16 m
 emulated, and the state must be fp32 anyway); outputs are cast back to q.dtype.
 
 Per-channel decay ([B, T, H, K]) cannot use one C x C decay matrix: exp(G_i - G_j) differs per
-key channel. As in fla's GLA kernels, the chunk is split into sub-chunks of c tokens. For a query
-sub-chunk a and keys j before it, a reference point r_a (the cumulative gate at a's first token)
-factors the decay as exp(G_i - r_a) * exp(r_a - G_j), both exponents <= 0, so a matmul still
-does the work; pairs inside one sub-chunk use the exact elementwise form over [c, c, K].
+key channel. Two forms, chosen at run time by `lax.cond` over the whole call:
+  * factored (the usual case, every chunk's gates span <= FACTOR_RANGE nats in every channel):
+    exp(G_i - G_j) = exp(G_i - M) exp(M - G_j) at the chunk's midpoint M, exponents within
+    +-30, so one matmul does the intra part, as for per-head decay;
+  * exact (any gates): as in fla's GLA kernels, the chunk is split into sub-chunks of c tokens.
+    For a query sub-chunk a and keys j before it, a reference point r_a (the cumulative gate at
+    a's first token) factors the decay as exp(G_i - r_a) * exp(r_a - G_j), both exponents <= 0,
+    so a matmul still does the work; pairs inside one sub-chunk use the exact elementwise form
+    over [c, c, K].
 
 Gradients come from JAX's autodiff; masked exponents are set to -inf *before* exp, so the
 unused branch of every `where` carries no inf/NaN into the backward pass.
