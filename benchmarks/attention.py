@@ -10,28 +10,16 @@ exceed --max-dense-gib are left out ("-"). No asserts: this is for reading, not 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.attention.api import attention
+from timing import median_seconds  # benchmarks/timing.py
 
 SHAPES = ((8, 4, 64), (1, 8, 64))  # (B, H, D); kv heads = H
 WINDOWS = (None, 256)
-
-
-def _time(fn, args, runs: int) -> float:
-    """Median seconds of `runs` calls after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _functions(impl: str, window, block_q: int, block_k: int):
@@ -90,7 +78,7 @@ def main() -> None:
                         res[impl] = (float("nan"), float("nan"))
                         continue
                     fwd, fwd_bwd = _functions(impl, window, args.block_q, args.block_k)
-                    res[impl] = (_time(fwd, xs[:5], args.runs), _time(fwd_bwd, xs, args.runs))
+                    res[impl] = (median_seconds(fwd, xs[:5], args.runs), median_seconds(fwd_bwd, xs, args.runs))
                 cells = [res[i][m] for m in (0, 1) for i in impls]
                 row = f"{b:>2} {h:>2} {d:>3} {t:>5} {str(window):>6} | " + " | ".join(
                     f"{c:>15.4f}" if c == c else f"{'-':>15}" for c in cells)

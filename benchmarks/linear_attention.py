@@ -30,17 +30,7 @@ import numpy as np
 
 from pallas_kernels import dispatch
 from pallas_kernels.chunked_linear_attention.api import OP, chunked_linear_attention
-
-
-def _time(fn, args, runs: int) -> float:
-    """Median seconds of `runs` calls after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from timing import median_seconds  # benchmarks/timing.py
 
 
 def _functions(impl: str, chunk: int):
@@ -99,7 +89,7 @@ def _baseline_times(b, t, h, d, decay, runs) -> dict[str, tuple[float, float]]:
         q, k, v, is_causal=True, implementation="cudnn")
     try:
         fb = jax.jit(jax.grad(lambda q, k, v: attn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
-        out["flash(cudnn)"] = (_time(jax.jit(attn), (q, k, v), runs), _time(fb, (q, k, v), runs))
+        out["flash(cudnn)"] = (median_seconds(jax.jit(attn), (q, k, v), runs), median_seconds(fb, (q, k, v), runs))
     except Exception as e:  # noqa: BLE001 - report and go on: a baseline is optional
         print(f"  (cudnn flash attention unavailable: {type(e).__name__}: {e})")
     return out
@@ -146,7 +136,7 @@ def main() -> None:
                         res[impl] = (math.nan, math.nan)
                         continue
                     fwd, fwd_bwd = _functions(impl, args.chunk)
-                    res[impl] = (_time(fwd, xs[:4], args.runs), _time(fwd_bwd, xs, args.runs))
+                    res[impl] = (median_seconds(fwd, xs[:4], args.runs), median_seconds(fwd_bwd, xs, args.runs))
                 if args.baselines and platform == "gpu":
                     res.update(_baseline_times(b, t, h, d, decay, args.runs))
                 cells = [res[i][m] * 1e3 for i in impls for m in (0, 1)]

@@ -31,7 +31,7 @@ from typing import ClassVar, Literal
 
 from train.config import DEFAULT_MIXERS, ConfigError, MixerConfig, register_mixer_config
 
-__all__ = ["LinearAttnConfig", "RetentionConfig", "LightningConfig", "SSDConfig", "GLAConfig",
+__all__ = ["qkv_widths", "head_width", "LinearAttnConfig", "RetentionConfig", "LightningConfig", "SSDConfig", "GLAConfig",
            "HGRN2Config", "MLSTMConfig", "LINEAR_ATTENTION_CONFIGS"]
 
 
@@ -70,6 +70,15 @@ def head_width(d_model: int, expand: float, num_heads: int, where: str, field: s
     return round(total) // num_heads
 
 
+def qkv_widths(cfg, d_model: int, where: str | None = None) -> tuple[int, int]:
+    """Per-head key and value widths (K, V) of a config with num_heads, expand_k, expand_v;
+    ConfigError naming `where` (default: the kind) when they are impossible."""
+    where = where or cfg.kind
+    _heads(cfg, where)
+    return (head_width(d_model, cfg.expand_k, cfg.num_heads, where, "expand_k"),
+            head_width(d_model, cfg.expand_v, cfg.num_heads, where, "expand_v"))
+
+
 def _heads(cfg, where: str) -> None:
     if cfg.num_heads < 1:
         raise ConfigError(f"{where}.num_heads must be >= 1, got {cfg.num_heads}")
@@ -94,9 +103,7 @@ class LinearAttnConfig(MixerConfig):
 
     def check(self, d_model: int, where: str) -> None:
         _check_literals(self, where)
-        _heads(self, where)
-        head_width(d_model, self.expand_k, self.num_heads, where, "expand_k")
-        head_width(d_model, self.expand_v, self.num_heads, where, "expand_v")
+        qkv_widths(self, d_model, where)
         if self.normalize and self.feature_map == "identity":
             raise ConfigError(f"{where}.normalize=True needs a non-negative feature map "
                               f"({where}.feature_map 'elu' or 'relu'), got 'identity'")
@@ -116,9 +123,7 @@ class RetentionConfig(MixerConfig):
     conv_size: int = 0
 
     def check(self, d_model: int, where: str) -> None:
-        _heads(self, where)
-        dk = head_width(d_model, self.expand_k, self.num_heads, where, "expand_k")
-        head_width(d_model, self.expand_v, self.num_heads, where, "expand_v")
+        dk, _ = qkv_widths(self, d_model, where)
         if dk % 2:
             raise ConfigError(f"{where}: key head dim {dk} must be even for the rotary embedding "
                               f"(change {where}.expand_k or {where}.num_heads)")
@@ -141,9 +146,7 @@ class LightningConfig(MixerConfig):
 
     def check(self, d_model: int, where: str) -> None:
         _check_literals(self, where)
-        _heads(self, where)
-        head_width(d_model, self.expand_k, self.num_heads, where, "expand_k")
-        head_width(d_model, self.expand_v, self.num_heads, where, "expand_v")
+        qkv_widths(self, d_model, where)
         if self.slope_scale < 0:
             raise ConfigError(f"{where}.slope_scale must be >= 0 (0: no decay), got {self.slope_scale}")
         _check_conv(self.conv_size, where)
@@ -205,9 +208,7 @@ class GLAConfig(MixerConfig):
     conv_size: int = 0
 
     def check(self, d_model: int, where: str) -> None:
-        _heads(self, where)
-        head_width(d_model, self.expand_k, self.num_heads, where, "expand_k")
-        head_width(d_model, self.expand_v, self.num_heads, where, "expand_v")
+        qkv_widths(self, d_model, where)
         if self.gate_low_rank_dim < 1:
             raise ConfigError(f"{where}.gate_low_rank_dim must be >= 1, got {self.gate_low_rank_dim}")
         _positive(self, where, "gate_logit_normalizer")

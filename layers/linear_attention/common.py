@@ -47,7 +47,7 @@ from layers.registry import LayerContext
 from layers.sharding import constrain, param
 from pallas_kernels.chunked_linear_attention.api import chunked_linear_attention, decode_step
 from train.config import RuntimeConfig
-from train.linear_attention_config import head_width
+from train.linear_attention_config import qkv_widths
 
 F32 = jnp.float32
 HEADS = ("batch", "seq", "act_heads", None)  # logical axes of [B, T, H, D] activations
@@ -128,13 +128,6 @@ def chunk_flops(heads: int, dk: int, dv: int, seq_len: int, chunk: int | None = 
     counts are computed from the architecture alone."""
     c = min(chunk or RuntimeConfig().linear_attention_chunk, seq_len)
     return heads * (2.0 * c * (dk + dv) + 4.0 * dk * dv)
-
-
-def qkv_widths(cfg, d_model: int) -> tuple[int, int]:
-    """Per-head key and value widths (K, V) of a config with num_heads, expand_k, expand_v."""
-    h, kind = cfg.num_heads, cfg.kind
-    return (head_width(d_model, cfg.expand_k, h, kind, "expand_k"),
-            head_width(d_model, cfg.expand_v, h, kind, "expand_v"))
 
 
 def qkv_training_flops(cfg, d_model: int, seq_len: int, *, gate_width: int = 0,
