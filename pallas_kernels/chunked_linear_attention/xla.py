@@ -66,9 +66,9 @@ def chunked_linear_attention(q, k, v, log_decay, initial_state, segment_ids, *, 
     kc, vc = chunks(common.expand_kv(p.k, h)), chunks(common.expand_kv(p.v, h))
     vector = p.g.ndim == 4
     g = chunks(p.g if vector else p.g[..., None])  # [B, H, n, C, K or 1]
-    gc = _chunk_cumsum(g)  # chunk-local inclusive cumsum, <= 0
+    gc = chunk_cumsum(g)  # chunk-local inclusive cumsum, <= 0
 
-    masks = _doc_masks(p.doc.reshape(b, n, c))
+    masks = doc_masks(p.doc.reshape(b, n, c))
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
     args = (qc, kc, vc, gc, masks, s0)
     if not vector:
@@ -90,7 +90,7 @@ def chunked_linear_attention(q, k, v, log_decay, initial_state, segment_ids, *, 
     return common.finish(o.astype(q.dtype), p.valid), s_final
 
 
-def _chunk_cumsum(g: jax.Array) -> jax.Array:
+def chunk_cumsum(g: jax.Array) -> jax.Array:
     """Inclusive cumsum over axis 3 (the chunk) of [B, H, n, C, K] as a matmul with a triangle
     of ones: XLA:CPU lowers jnp.cumsum to a reduce-window that costs C adds per element (3x
     slower here). HIGHEST precision: TPU/GPU would otherwise round the gates to bf16/tf32."""
@@ -123,7 +123,7 @@ def _chunked(qc, kc, vc, gc, masks, s0, *, intra):
     return o + jnp.einsum("bhnij,bhnjv->bhniv", scores, vc), s_final
 
 
-class _Masks(NamedTuple):
+class DocMasks(NamedTuple):
     """Document masks of the chunks; `doc` [B, n, C] (see common.prepare).
 
     same  [B, n, C, C]: j <= i and tokens i, j in the same document;
@@ -138,7 +138,7 @@ class _Masks(NamedTuple):
     carry: jax.Array
 
 
-def _doc_masks(doc: jax.Array) -> _Masks:
+def doc_masks(doc: jax.Array) -> DocMasks:
     b, n, c = doc.shape
     # Document of the state entering chunk n: that of the token before it (0 before the row:
     # a row's first token never resets, so the initial state belongs to document 0).
@@ -146,7 +146,7 @@ def _doc_masks(doc: jax.Array) -> _Masks:
     causal = jnp.tril(jnp.ones((c, c), bool))
     same = (doc[..., :, None] == doc[..., None, :]) & causal
     last = doc[:, :, -1]
-    return _Masks(same=same, reach=(doc == prev[..., None]).astype(F32),
+    return DocMasks(same=same, reach=(doc == prev[..., None]).astype(F32),
                   to_end=(doc == last[..., None]).astype(F32), carry=(last == prev).astype(F32))
 
 
