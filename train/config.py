@@ -281,10 +281,10 @@ class RuntimeConfig:
       without batch dims, i.e. weight matmuls, recompute attention).
     attention_impl: None tries the best implementation for the platform; "xla" or "reference"
       forces one (and fails loudly if it cannot serve a call).
-    linear_attention_impl: the same for `pallas_kernels.chunked_linear_attention` (every
-      linear-attention mixer): None, "xla", "reference", "gpu" (Pallas Triton) or "tpu"
-      (Pallas Mosaic).
-    linear_attention_chunk: chunk length of the chunked linear-attention implementations.
+    linear_attention_impl: the same for the ops of the linear-attention mixers,
+      `pallas_kernels.chunked_linear_attention` and `pallas_kernels.delta_rule` (deltanet, gdn):
+      None, "xla", "reference", "gpu" (Pallas Triton) or "tpu" (Pallas Mosaic).
+    linear_attention_chunk: chunk length of the chunked implementations of both ops.
     mesh_data, mesh_fsdp, mesh_tensor: the device mesh (train/mesh.py, layers/sharding.py):
       data parallel, fully-sharded data parallel (params split too) and tensor parallel sizes.
       At most one may be -1, meaning "all the devices the others leave"; their product must

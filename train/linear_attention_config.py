@@ -1,6 +1,6 @@
 """Configs of the token mixers built on the chunked linear-attention op (layers/linear_attention).
 
-Seven kinds, each registered for JSON (`kind`) and given a default mixer name in
+Nine kinds, each registered for JSON (`kind`) and given a default mixer name in
 `DEFAULT_MIXERS` (the same as its kind), so `model.pattern=("gla", "gla", "gla", "attn")` works
 without declaring mixers, and `--set model.mixers.gla.num_heads=2` edits the default:
 
@@ -11,6 +11,8 @@ without declaring mixers, and `--set model.mixers.gla.num_heads=2` edits the def
     gla        Gated Linear Attention (Yang et al. 2024)
     hgrn2      HGRN2 (Qin et al. 2024)
     mlstm      xLSTM mLSTM with a sigmoid input gate ("mLSTMsig", Beck et al. 2025, TFLA)
+    deltanet   DeltaNet (Yang et al. 2024), on the delta-rule op
+    gdn        Gated DeltaNet (Yang, Kautz, Hatamizadeh 2025), on the delta-rule op
 
 Widths are given as expansion ratios of d_model (as fla does), so one config serves any width;
 `check` names the field and the accepted values when a width does not divide. The equations and
@@ -18,7 +20,7 @@ what each field means live in the mixer's module docstring.
 
 `conv_size`: width of an optional short depthwise causal convolution (layers/conv.py) on the
 projections before the recurrence; 0 disables it. On by default only where the paper has it
-(ssd).
+(ssd, deltanet, gdn).
 
 Imported at the bottom of train/config.py, so these kinds exist wherever `Config` does.
 """
@@ -32,7 +34,7 @@ from typing import ClassVar, Literal
 from train.config import DEFAULT_MIXERS, ConfigError, MixerConfig, register_mixer_config
 
 __all__ = ["qkv_widths", "head_width", "LinearAttnConfig", "RetentionConfig", "LightningConfig", "SSDConfig", "GLAConfig",
-           "HGRN2Config", "MLSTMConfig", "LINEAR_ATTENTION_CONFIGS"]
+           "HGRN2Config", "MLSTMConfig", "DeltaNetConfig", "GDNConfig", "LINEAR_ATTENTION_CONFIGS"]
 
 
 # ----------------------------------------------------------------------------- shared checks
@@ -77,6 +79,17 @@ def qkv_widths(cfg, d_model: int, where: str | None = None) -> tuple[int, int]:
     _heads(cfg, where)
     return (head_width(d_model, cfg.expand_k, cfg.num_heads, where, "expand_k"),
             head_width(d_model, cfg.expand_v, cfg.num_heads, where, "expand_v"))
+
+
+def _check_mamba2_init(cfg, where: str) -> None:
+    """The Mamba2 decay initialisation fields (dt_min, dt_max, dt_init_floor, a_init_min,
+    a_init_max) of ssd and gdn."""
+    _positive(cfg, where, "dt_min", "dt_max", "dt_init_floor", "a_init_min", "a_init_max")
+    if cfg.dt_min > cfg.dt_max:
+        raise ConfigError(f"{where}.dt_min={cfg.dt_min} must be <= {where}.dt_max={cfg.dt_max}")
+    if cfg.a_init_min > cfg.a_init_max:
+        raise ConfigError(f"{where}.a_init_min={cfg.a_init_min} must be <= "
+                          f"{where}.a_init_max={cfg.a_init_max}")
 
 
 def _heads(cfg, where: str) -> None:
@@ -184,12 +197,7 @@ class SSDConfig(MixerConfig):
         if self.num_heads(d_model) % self.n_groups:
             raise ConfigError(f"{where}.n_groups={self.n_groups} must divide the number of heads "
                               f"{self.num_heads(d_model)} (= expand * d_model / head_dim)")
-        _positive(self, where, "dt_min", "dt_max", "dt_init_floor", "a_init_min", "a_init_max")
-        if self.dt_min > self.dt_max:
-            raise ConfigError(f"{where}.dt_min={self.dt_min} must be <= {where}.dt_max={self.dt_max}")
-        if self.a_init_min > self.a_init_max:
-            raise ConfigError(f"{where}.a_init_min={self.a_init_min} must be <= "
-                              f"{where}.a_init_max={self.a_init_max}")
+        _check_mamba2_init(self, where)
         _check_conv(self.conv_size, where)
 
 
@@ -266,8 +274,52 @@ class MLSTMConfig(MixerConfig):
         _check_conv(self.conv_size, where)
 
 
+@register_mixer_config
+@dataclass(frozen=True)
+class DeltaNetConfig(MixerConfig):
+    """DeltaNet: q/k/v of widths expand_k / expand_v * d_model through a short conv + SiLU,
+    L2-normalised q/k, write strength beta = sigmoid(x W_beta) per head (2 sigmoid(.) with
+    allow_neg_eigval), per-head RMSNorm (gated by swish(x W_g) with use_gate), no decay."""
+    kind: ClassVar[str] = "deltanet"
+    num_heads: int = 4
+    expand_k: float = 1.0
+    expand_v: float = 1.0
+    use_gate: bool = False
+    allow_neg_eigval: bool = False
+    conv_size: int = 4
+
+    def check(self, d_model: int, where: str) -> None:
+        qkv_widths(self, d_model, where)
+        _check_conv(self.conv_size, where)
+
+
+@register_mixer_config
+@dataclass(frozen=True)
+class GDNConfig(MixerConfig):
+    """Gated DeltaNet: DeltaNet plus a per-head decay g = -exp(A_log) softplus(x W_a + dt_bias)
+    (Mamba2's, initialised from dt_min / dt_max / dt_init_floor and a_init_min / a_init_max as
+    ssd), value width twice the key width by default, gated RMSNorm (use_gate)."""
+    kind: ClassVar[str] = "gdn"
+    num_heads: int = 4
+    expand_k: float = 0.5
+    expand_v: float = 1.0
+    use_gate: bool = True
+    allow_neg_eigval: bool = False
+    conv_size: int = 4
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    a_init_min: float = 1.0
+    a_init_max: float = 16.0
+
+    def check(self, d_model: int, where: str) -> None:
+        qkv_widths(self, d_model, where)
+        _check_mamba2_init(self, where)
+        _check_conv(self.conv_size, where)
+
+
 LINEAR_ATTENTION_CONFIGS = (LinearAttnConfig, RetentionConfig, LightningConfig, SSDConfig, GLAConfig,
-                            HGRN2Config, MLSTMConfig)
+                            HGRN2Config, MLSTMConfig, DeltaNetConfig, GDNConfig)
 
 for _cls in LINEAR_ATTENTION_CONFIGS:
     DEFAULT_MIXERS.setdefault(_cls.kind, _cls())

@@ -2,18 +2,25 @@
 
 Every mixer in this package is the same shape (fla's layers are the model):
 
-    x [B, T, d] --projections--> (optional short conv) --> q, k, v, log decay   (`features`)
-                --chunked_linear_attention--> o [B, T, H, V']                  (this base class)
-                --norm / gate / output projection--> y [B, T, d]               (`readout`)
+    x [B, T, d] --projections--> (optional short conv) --> q, k, v, log decay (, beta)  (`features`)
+                --chunked_linear_attention or delta_rule--> o [B, T, H, V']           (this base class)
+                --norm / gate / output projection--> y [B, T, d]                      (`readout`)
 
 A subclass writes only its own math: `features` and `readout`, plus its width bookkeeping. This
-base class runs the op (`pallas_kernels.chunked_linear_attention`) with the runtime's
-implementation and chunk size, handles the decode cache, the short convolution's cache and
-document boundaries, and gives the one-line description.
+base class runs the op with the runtime's implementation and chunk size
+(`runtime.linear_attention_impl` and `runtime.linear_attention_chunk` govern both ops), handles
+the decode cache, the short convolution's cache and document boundaries, and gives the one-line
+description.
 
-The recurrence the op computes, per head (H heads, key dim K, value dim V'):
+The recurrence of the chunked linear-attention op (`pallas_kernels.chunked_linear_attention`),
+per head (H heads, key dim K, value dim V'):
 
     S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T        o_t = scale * q_t S_t
+
+Delta-rule mixers (deltanet, gdn: `setup_op(..., delta_rule=True)`, and `features` returns
+`OpInputs.beta`) run `pallas_kernels.delta_rule` instead, which L2-normalises q and k itself:
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T        o_t = scale * q_t S_t
 
 Normaliser trick (`append_ones`): a mixer that needs n_t = sum_s decay * k_s (vanilla linear
 attention's q.sum k, mLSTM's normaliser state) appends a column of ones to v; the op then
@@ -46,6 +53,7 @@ from layers.linear import Dense
 from layers.registry import LayerContext
 from layers.sharding import constrain, param
 from pallas_kernels.chunked_linear_attention.api import chunked_linear_attention, decode_step
+from pallas_kernels.delta_rule import api as delta_api
 from train.config import RuntimeConfig
 from train.linear_attention_config import qkv_widths
 
@@ -56,11 +64,14 @@ HEADS = ("batch", "seq", "act_heads", None)  # logical axes of [B, T, H, D] acti
 class OpInputs(NamedTuple):
     """What `features` hands to the op: q [B, T, H, K], k [B, T, G, K], v [B, T, G, V'] in the
     compute dtype (G divides H: kv head h // (H // G) serves query head h), log_decay None,
-    [B, T, H] or [B, T, H, K] float32 (<= 0)."""
+    [B, T, H] or [B, T, H, K] float32 (<= 0). beta: None (chunked linear attention), or the
+    delta rule's write strength [B, T, H] float32 in (0, 1] (or (0, 2)); then log_decay is None
+    or [B, T, H] and the op is `delta_rule`."""
     q: jax.Array
     k: jax.Array
     v: jax.Array
     log_decay: jax.Array | None
+    beta: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -130,17 +141,52 @@ def chunk_flops(heads: int, dk: int, dv: int, seq_len: int, chunk: int | None = 
     return heads * (2.0 * c * (dk + dv) + 4.0 * dk * dv)
 
 
+def delta_chunk_flops(heads: int, dk: int, dv: int, seq_len: int, chunk: int | None = None) -> float:
+    """Forward FLOPs per token of the chunked delta rule (the WY/UT form of fla's
+    chunk_gated_delta_rule), per head and chunk of C tokens, divided by C:
+        A = tril(diag(beta) K K^T)                      2 C^2 K
+        W = (I + A)^-1 diag(beta) K, U = ... V           C^2 (K + V)   (triangular solves)
+        new values U - W S                              2 C K V        (state read)
+        scores Q K^T, applied to the new values         2 C^2 K + 2 C^2 V
+        Q S (inter-chunk output), S += K^T U'           4 C K V        (state read, write)
+    = C (5 K + 3 V) + 6 K V per token; decays and L2 norms (O(C^2 + K)) are left out.
+    C = min(chunk, seq_len), chunk the runtime default, as in `chunk_flops`."""
+    c = min(chunk or RuntimeConfig().linear_attention_chunk, seq_len)
+    return heads * (c * (5.0 * dk + 3.0 * dv) + 6.0 * dk * dv)
+
+
 def qkv_training_flops(cfg, d_model: int, seq_len: int, *, gate_width: int = 0,
-                       value_extra: int = 0, extra: float = 0.0) -> float:
+                       value_extra: int = 0, extra: float = 0.0, delta_rule: bool = False) -> float:
     """`training_flops` of a mixer built with `setup_qkv`: q/k/v projections (through the
-    conv), `gate_width` more output channels out of the residual stream, the op on a state
-    with `value_extra` appended value channels, and `extra` forward FLOPs."""
+    conv), `gate_width` more output channels out of the residual stream, the op (the delta rule
+    when `delta_rule`) on a state with `value_extra` appended value channels, and `extra`
+    forward FLOPs."""
     h = cfg.num_heads
     dk, dv = qkv_widths(cfg, d_model)
     conv_ch = h * (2 * dk + dv)
-    return training_flops(d_model, conv_ch + gate_width, h * dv,
-                          chunk_flops(h, dk, dv + value_extra, seq_len),
+    op = (delta_chunk_flops if delta_rule else chunk_flops)(h, dk, dv + value_extra, seq_len)
+    return training_flops(d_model, conv_ch + gate_width, h * dv, op,
                           conv=2.0 * cfg.conv_size * conv_ch, extra=extra)
+
+
+# ----------------------------------------------------------------------------- Mamba2 decay
+
+def mamba2_decay_params(key: jax.Array, heads: int, cfg) -> tuple[nnx.Param, nnx.Param]:
+    """Mamba2's per-head decay parameters (A_log, dt_bias), initialised as mamba_ssm: A = exp(A_log)
+    uniform in [cfg.a_init_min, cfg.a_init_max], dt = softplus(dt_bias) log-uniform in
+    [cfg.dt_min, cfg.dt_max], floored at cfg.dt_init_floor. Used by ssd and gdn."""
+    key_a, key_dt = jax.random.split(key)
+    a = jax.random.uniform(key_a, (heads,), F32, cfg.a_init_min, cfg.a_init_max)
+    dt = jnp.exp(jax.random.uniform(key_dt, (heads,), F32, math.log(cfg.dt_min), math.log(cfg.dt_max)))
+    dt = jnp.maximum(dt, cfg.dt_init_floor)
+    return param(jnp.log(a), ("heads",)), param(dt + jnp.log(-jnp.expm1(-dt)), ("heads",))  # softplus^-1
+
+
+def mamba2_log_decay(dt_raw: jax.Array, a_log: jax.Array, dt_bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """dt_raw [B, T, H] (x W_dt) -> (dt = softplus(dt_raw + dt_bias), g = -exp(A_log) * dt <= 0),
+    both float32 [B, T, H]."""
+    dt = jax.nn.softplus(dt_raw.astype(F32) + dt_bias)
+    return dt, -jnp.exp(a_log) * dt
 
 
 def training_flops(d_model: int, proj_out: int, proj_in: int, op: float, conv: float = 0.0,
@@ -170,10 +216,12 @@ class LinearAttentionMixer(nnx.Module):
 
     def setup_op(self, ctx: LayerContext, *, heads: int, key_dim: int, value_dim: int,
                  scale: float | None, conv_size: int = 0, conv_channels: int = 0,
-                 conv_bias: bool = False, rngs: nnx.Rngs) -> None:
+                 conv_bias: bool = False, delta_rule: bool = False, rngs: nnx.Rngs) -> None:
         """heads/key_dim/value_dim: the op's state [H, K, V'] (V' includes an appended ones
-        column); scale: multiplies q (None: 1/sqrt(K))."""
+        column); scale: multiplies q (None: 1/sqrt(K)); delta_rule: the op is
+        `pallas_kernels.delta_rule` (then `features` must return OpInputs.beta)."""
         self.runtime = ctx.runtime
+        self.delta_rule = delta_rule
         self.state_shape = (heads, key_dim, value_dim)
         self.scale = 1.0 / math.sqrt(key_dim) if scale is None else float(scale)
         self.conv = (CausalConv1d(conv_channels, conv_size, bias=conv_bias, dtype=ctx.dtype, rngs=rngs)
@@ -215,11 +263,11 @@ class LinearAttentionMixer(nnx.Module):
             return y
 
         ins, aux = self.features(x, positions=positions, segment_ids=segment_ids, conv=conv)
-        rt = self.runtime
+        if (ins.beta is not None) != self.delta_rule:
+            raise TypeError(f"{type(self).__name__}.features must return OpInputs.beta exactly when "
+                            f"setup_op(delta_rule=True) (delta_rule={self.delta_rule})")
         if cache is None:
-            o, _ = chunked_linear_attention(
-                ins.q, ins.k, ins.v, ins.log_decay, segment_ids=segment_ids, scale=self.scale,
-                chunk_size=rt.linear_attention_chunk, implementation=rt.linear_attention_impl)
+            o, _ = self._op(ins, segment_ids, None)
             return self.readout(o, aux), None
         o, state = self._cached(ins, segment_ids, cache)
         new_cache = {"state": state, "segment": segment_ids[:, -1].astype(jnp.int32)}
@@ -235,15 +283,26 @@ class LinearAttentionMixer(nnx.Module):
         state = jnp.where(starts[:, None, None, None], 0.0, cache["state"].astype(F32))
         if ins.q.shape[1] == 1:
             g = None if ins.log_decay is None else ins.log_decay[:, 0]
-            o, new = decode_step(ins.q[:, 0], ins.k[:, 0], ins.v[:, 0], g, state, scale=self.scale)
+            if ins.beta is None:
+                o, new = decode_step(ins.q[:, 0], ins.k[:, 0], ins.v[:, 0], g, state, scale=self.scale)
+            else:
+                o, new = delta_api.decode_step(ins.q[:, 0], ins.k[:, 0], ins.v[:, 0], ins.beta[:, 0], g,
+                                               state, scale=self.scale)
             valid = first != 0  # a padding token neither writes nor decays the state
             state = jnp.where(valid[:, None, None, None], new, state)
             o = jnp.where(valid[:, None, None], o, 0).astype(o.dtype)[:, None]
             return o, state
+        return self._op(ins, segment_ids, state)
+
+    def _op(self, ins: OpInputs, segment_ids: jax.Array, initial_state: jax.Array | None):
+        """The chunked op over the whole input: the delta rule when ins.beta is given, else
+        chunked linear attention; runtime.linear_attention_impl / _chunk choose how."""
         rt = self.runtime
-        return chunked_linear_attention(
-            ins.q, ins.k, ins.v, ins.log_decay, initial_state=state, segment_ids=segment_ids,
-            scale=self.scale, chunk_size=rt.linear_attention_chunk, implementation=rt.linear_attention_impl)
+        opts = dict(initial_state=initial_state, segment_ids=segment_ids, scale=self.scale,
+                    chunk_size=rt.linear_attention_chunk, implementation=rt.linear_attention_impl)
+        if ins.beta is None:
+            return chunked_linear_attention(ins.q, ins.k, ins.v, ins.log_decay, **opts)
+        return delta_api.delta_rule(ins.q, ins.k, ins.v, ins.beta, ins.log_decay, **opts)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
         """A fixed-size cache whatever max_len is: the recurrent state (float32), the last
@@ -258,7 +317,8 @@ class LinearAttentionMixer(nnx.Module):
     def describe(self) -> str:
         h, k, v = self.state_shape
         conv = f", conv={self.conv.width}" if self.conv is not None else ""
-        return (f"{self.describe_math()}, state H={h} K={k} V={v}{conv}, chunked linear attention "
+        op = "delta rule" if self.delta_rule else "chunked linear attention"
+        return (f"{self.describe_math()}, state H={h} K={k} V={v}{conv}, {op} "
                 f"impl={self.runtime.linear_attention_impl or 'auto'} chunk={self.runtime.linear_attention_chunk}")
 
     # -- what subclasses provide

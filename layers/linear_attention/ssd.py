@@ -28,8 +28,6 @@ ablation; the SiLU stays); no dt clamping (mamba_ssm's default dt_limit is (0, i
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -56,12 +54,7 @@ class SSD(LinearAttentionMixer):
         self.x_proj = common.dense_in(d, self.d_inner, ctx, rngs)
         self.bc_proj = common.dense_in(d, 2 * gn, ctx, rngs)
         self.dt_proj = common.dense_in(d, h, ctx, rngs)
-        key_a, key_dt = jax.random.split(rngs.params())
-        a = jax.random.uniform(key_a, (h,), F32, cfg.a_init_min, cfg.a_init_max)
-        self.A_log = param(jnp.log(a), ("heads",))
-        dt = jnp.exp(jax.random.uniform(key_dt, (h,), F32, math.log(cfg.dt_min), math.log(cfg.dt_max)))
-        dt = jnp.maximum(dt, cfg.dt_init_floor)
-        self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), ("heads",))  # softplus^-1(dt)
+        self.A_log, self.dt_bias = common.mamba2_decay_params(rngs.params(), h, cfg)
         self.D = param(jnp.ones((h,), F32), ("heads",))
         self.norm = common.MergedHeadsNorm(self.d_inner, eps=ctx.norm_eps, groups=cfg.n_groups)
         self.out_proj = common.dense_out(self.d_inner, ctx, rngs)
@@ -74,8 +67,7 @@ class SSD(LinearAttentionMixer):
         z = self.z_proj(x)
         xbc = jax.nn.silu(conv(jnp.concatenate([self.x_proj(x), self.bc_proj(x)], axis=-1)))
         xs, bm, cm = jnp.split(xbc, [self.d_inner, self.d_inner + g * n], axis=-1)
-        dt = jax.nn.softplus(self.dt_proj(x).astype(F32) + self.dt_bias[...])  # [B, T, H]
-        log_decay = -jnp.exp(self.A_log[...]) * dt
+        dt, log_decay = common.mamba2_log_decay(self.dt_proj(x), self.A_log[...], self.dt_bias[...])  # [B, T, H]
         xh = common.split_heads(xs, h)  # [B, T, H, P]
         rep = lambda m: jnp.repeat(m.reshape(b, t, g, n), h // g, axis=2)  # group -> its heads
         v = (xh.astype(F32) * dt[..., None]).astype(xh.dtype)

@@ -1,10 +1,10 @@
-"""The seven linear-attention mixers (layers/linear_attention) and the short causal conv.
+"""The nine linear-attention mixers (layers/linear_attention) and the short causal conv.
 
 Per mixer: config validation names the field; packed documents and padding give each document
 exactly the output it gets alone; decoding in chunks and single steps (new documents and padding
 arriving mid-decode) equals the full forward; the op runs with the configured implementation;
-describe() and FLOPs. Two mixers (ssd, mlstm) are also checked against a naive token loop of
-their paper's equations. Widths are tiny and the op is the "reference" one (cheapest to compile)
+describe() and FLOPs. Three mixers (ssd, mlstm, gdn) are also checked against a naive token
+loop of their paper's equations. Widths are tiny and the op is the "reference" one (cheapest to compile)
 unless a test says otherwise; tests/models/test_decode.py covers the default implementation.
 """
 import dataclasses
@@ -17,12 +17,14 @@ from flax import nnx
 
 import layers  # noqa: F401  (registers the mixers)
 from layers.conv import CausalConv1d, causal_conv1d
-from layers.registry import LayerContext, build_mixer, registered_mixers
+from layers.registry import LayerContext, build_mixer, mixer_class, registered_mixers
 from pallas_kernels import dispatch
 from pallas_kernels.chunked_linear_attention.api import OP
+from pallas_kernels.delta_rule.api import OP as DELTA_OP
 from train.config import ConfigError, Config, ModelConfig, RuntimeConfig, apply_overrides, from_dict, to_dict
-from train.linear_attention_config import (LINEAR_ATTENTION_CONFIGS, GLAConfig, HGRN2Config, LightningConfig,
-                                           LinearAttnConfig, MLSTMConfig, RetentionConfig, SSDConfig)
+from train.linear_attention_config import (LINEAR_ATTENTION_CONFIGS, DeltaNetConfig, GDNConfig, GLAConfig,
+                                           HGRN2Config, LightningConfig, LinearAttnConfig, MLSTMConfig,
+                                           RetentionConfig, SSDConfig)
 
 D = 32
 CONFIGS = {  # small, with non-default options and short convolutions spread over the kinds
@@ -33,7 +35,10 @@ CONFIGS = {  # small, with non-default options and short convolutions spread ove
     "gla": GLAConfig(num_heads=2, conv_size=4),
     "hgrn2": HGRN2Config(num_heads=2, lower_bound=0.3, output_gate=True),
     "mlstm": MLSTMConfig(num_heads=2, conv_size=4),
+    "deltanet": DeltaNetConfig(num_heads=2, use_gate=True, allow_neg_eigval=True, conv_size=3),
+    "gdn": GDNConfig(num_heads=2),
 }
+DELTA_KINDS = ("deltanet", "gdn")  # on the delta-rule op
 RT = RuntimeConfig(compute_dtype="float32", linear_attention_impl="reference", linear_attention_chunk=8)
 
 
@@ -93,6 +98,13 @@ BAD = [  # (config, field the error must name)
     (MLSTMConfig(gate_soft_cap=0.0), "gate_soft_cap"),
     (MLSTMConfig(expand_qk=0.3), "expand_qk"),
     (MLSTMConfig(fgate_bias_init_min=7.0), "fgate_bias_init_min"),
+    (DeltaNetConfig(expand_k=0.3), "expand_k"),
+    (DeltaNetConfig(num_heads=0), "num_heads"),
+    (DeltaNetConfig(conv_size=1), "conv_size"),
+    (GDNConfig(expand_v=0.3), "expand_v"),
+    (GDNConfig(dt_min=0.5, dt_max=0.1), "dt_min"),
+    (GDNConfig(a_init_min=0.0), "a_init_min"),
+    (GDNConfig(a_init_min=20.0), "a_init_min"),
 ]
 
 
@@ -135,14 +147,16 @@ def _packed_batch(seed=0):
     return jnp.asarray(x), jnp.asarray(pos), jnp.asarray(seg)
 
 
-@pytest.mark.parametrize("kind", list(CONFIGS))
+# deltanet shares gdn's path through the delta rule (no decay is the only difference): slow tier.
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k == "deltanet" else k for k in CONFIGS])
 def test_documents_padding_implementation_and_describe(kind):
     cfg = CONFIGS[kind]
     m = _mixer(cfg)
     x, pos, seg = _packed_batch()
     full, none = _call(m, x, pos, seg, None)
     assert none is None
-    assert dispatch.last(OP).implementation == "reference"  # the runtime's choice reached the op
+    op = DELTA_OP if kind in DELTA_KINDS else OP
+    assert dispatch.last(op).implementation == "reference"  # the runtime's choice reached the op
     full = np.asarray(full)
     assert full.shape == x.shape and np.isfinite(full).all()
     # a document in a packed row == the same document alone (padding before or after it)
@@ -152,6 +166,7 @@ def test_documents_padding_implementation_and_describe(kind):
     np.testing.assert_allclose(full[4, 8:15], full[1, :7], rtol=1e-5, atol=1e-5)
     text = m.describe()
     assert "impl=reference" in text and "chunk=8" in text and "\n" not in text
+    assert ("delta rule impl" in text) == (kind in DELTA_KINDS)
     assert ("conv=" in text) == (cfg.conv_size > 0)
     f = type(m).flops_per_token(cfg, D, 64)
     assert f > 0 and type(m).flops_per_token(cfg, D, 256) >= f  # the chunk grows up to 64
@@ -175,10 +190,12 @@ def _full_and_decoded(m, x, pos, seg):
     return full, jnp.concatenate(outs, axis=1), cache
 
 
-# The cache logic lives in the shared base class: one mixer (normaliser column, short conv,
-# per-head decay) in the default run, every mixer in the slow one. test_decode.py checks
-# prefill + single steps for all seven in the default run.
-@pytest.mark.parametrize("kind", [k if k == "mlstm" else pytest.param(k, marks=pytest.mark.slow) for k in CONFIGS])
+# The cache logic lives in the shared base class: one mixer per op (mlstm: normaliser column,
+# short conv, per-head decay; gdn: the delta rule's beta and decay) in the default run, every
+# mixer in the slow one. test_decode.py checks prefill + single steps for all nine in the
+# default run.
+@pytest.mark.parametrize("kind", [k if k in ("mlstm", "gdn") else pytest.param(k, marks=pytest.mark.slow)
+                                  for k in CONFIGS])
 def test_chunked_decode_with_documents_equals_full_forward(kind):
     m = _mixer(CONFIGS[kind])
     x, pos, seg = _packed_batch()
@@ -277,6 +294,55 @@ def test_mlstm_matches_sigmoid_gate_recurrence():
     seg = jnp.ones((2, 9), jnp.int32)
     y, _ = _call(m, x, jnp.zeros_like(seg), seg, None)
     np.testing.assert_allclose(np.asarray(y), np.asarray(_mlstm_sig_naive(m, x, 3.0)), rtol=1e-4, atol=1e-5)
+
+
+@nnx.jit
+def _gated_deltanet_naive(m, x, seg):
+    """Gated DeltaNet by its equations (state S [K, V] per head), token by token, from the
+    module's own parameters."""
+    b, t, _ = x.shape
+    h, dk, dv = m.heads, m.dk, m.dv
+    qkv, _ = causal_conv1d(jnp.concatenate([m.q_proj(x), m.k_proj(x), m.v_proj(x)], -1), m.conv.kernel[...],
+                           None, seg)
+    qkv = jax.nn.silu(qkv)
+    l2 = lambda z: z / jnp.sqrt(jnp.sum(z ** 2, -1, keepdims=True) + 1e-6)
+    q = l2(qkv[..., :h * dk].reshape(b, t, h, dk))
+    k = l2(qkv[..., h * dk:2 * h * dk].reshape(b, t, h, dk))
+    v = qkv[..., 2 * h * dk:].reshape(b, t, h, dv)
+    beta = jax.nn.sigmoid(m.b_proj(x)) * (2.0 if m.cfg.allow_neg_eigval else 1.0)
+    alpha = jnp.exp(-jnp.exp(m.A_log[...]) * jax.nn.softplus(m.a_proj(x) + m.dt_bias[...]))
+
+    def step(s, q_t, k_t, v_t, b_t, a_t):  # s [B, H, K, V]
+        erase = jnp.eye(dk) - b_t[..., None, None] * jnp.einsum("bhi,bhj->bhij", k_t, k_t)
+        s = a_t[..., None, None] * jnp.einsum("bhij,bhjv->bhiv", erase, s) + \
+            b_t[..., None, None] * jnp.einsum("bhk,bhv->bhkv", k_t, v_t)
+        return s, jnp.einsum("bhk,bhkv->bhv", q_t, s) / np.sqrt(dk)
+
+    o = _naive_scan(step, jnp.zeros((b, h, dk, dv)), q, k, v, beta, alpha)
+    o = o / jnp.sqrt(jnp.mean(o ** 2, -1, keepdims=True) + 1e-6) * m.o_norm.scale[...]
+    return m.o_proj(o.reshape(b, t, -1) * jax.nn.silu(m.g_proj(x)))
+
+
+@pytest.mark.parametrize("neg", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_gdn_matches_gated_delta_rule_recurrence(neg):
+    m = _mixer(dataclasses.replace(CONFIGS["gdn"], allow_neg_eigval=neg))
+    m.A_log[...] = m.A_log[...] - 3.0  # decays well away from 0 and 1: both terms of the update count
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 9, D))
+    seg = jnp.ones((2, 9), jnp.int32)
+    y, _ = _call(m, x, jnp.zeros_like(seg), seg, None)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(_gated_deltanet_naive(m, x, seg)), rtol=1e-4, atol=1e-5)
+
+
+def test_delta_flops_exceed_plain_linear_attention():
+    """The chunked delta rule costs more than chunked linear attention of the same widths."""
+    from layers.linear_attention import common
+    assert common.delta_chunk_flops(2, 16, 32, 256) > common.chunk_flops(2, 16, 32, 256)
+    lin = LinearAttnConfig(num_heads=2, conv_size=4)
+    dn = DeltaNetConfig(num_heads=2)
+    cls = mixer_class
+    assert cls(dn).flops_per_token(dn, D, 256) > cls(lin).flops_per_token(lin, D, 256)
+    gdn = GDNConfig(num_heads=2, expand_k=1.0)
+    assert cls(gdn).flops_per_token(gdn, D, 256) > cls(dn).flops_per_token(dn, D, 256)
 
 
 def test_fixed_decays_follow_the_papers():

@@ -18,8 +18,8 @@ import layers  # noqa: F401  (registers the mixers)
 import models
 from layers import registry
 from train.config import AttentionConfig, ModelConfig, RuntimeConfig
-from train.linear_attention_config import (GLAConfig, HGRN2Config, LightningConfig, LinearAttnConfig, MLSTMConfig,
-                                           RetentionConfig, SSDConfig)
+from train.linear_attention_config import (DeltaNetConfig, GDNConfig, GLAConfig, HGRN2Config, LightningConfig,
+                                           LinearAttnConfig, MLSTMConfig, RetentionConfig, SSDConfig)
 
 VOCAB, T, PREFILL = 64, 19, 7
 WINDOW = 4  # < PREFILL < T: the ring buffers wrap during prefill and again while decoding
@@ -30,12 +30,12 @@ _VARIANTS = ModelConfig(
     vocab_size=VOCAB, d_model=32, num_layers=3, pattern=("swa_gqa_qknorm", "mqa_softcap"),
     mixers={"swa_gqa_qknorm": AttentionConfig(num_heads=4, num_kv_heads=2, window=WINDOW, qk_norm=True),
             "mqa_softcap": AttentionConfig(num_heads=2, num_kv_heads=1, head_dim=8, logit_softcap=5.0)})
-# Every linear-attention mixer in one model (one compile for all seven), small widths, several
-# with a short convolution (its cache) and non-default options; the attention layer checks that
-# they mix with a KV-cached layer.
+# Every linear-attention mixer in one model (one compile for all nine, the two delta-rule ones
+# included), small widths, several with a short convolution (its cache) and non-default options;
+# the attention layer checks that they mix with a KV-cached layer.
 _LINEAR = ModelConfig(
-    vocab_size=VOCAB, d_model=32, num_layers=8,
-    pattern=("lin", "ret", "tnl", "ssd", "gla", "hgrn", "mlstm", "attn"),
+    vocab_size=VOCAB, d_model=32, num_layers=10,
+    pattern=("lin", "ret", "tnl", "ssd", "gla", "hgrn", "mlstm", "deltanet", "gdn", "attn"),
     mixers={"lin": LinearAttnConfig(num_heads=2, conv_size=3),
             "ret": RetentionConfig(num_heads=2),
             "tnl": LightningConfig(num_heads=2, output_gate="sigmoid"),
@@ -43,6 +43,8 @@ _LINEAR = ModelConfig(
             "gla": GLAConfig(num_heads=2, conv_size=4),
             "hgrn": HGRN2Config(num_heads=2, lower_bound=0.5, output_gate=True, conv_size=2),
             "mlstm": MLSTMConfig(num_heads=2, conv_size=4),
+            "deltanet": DeltaNetConfig(num_heads=2, allow_neg_eigval=True),
+            "gdn": GDNConfig(num_heads=2, use_gate=False, conv_size=2),
             "attn": AttentionConfig(num_heads=2)})
 # Add a case (or a name in _VARIANTS.pattern) for every new mixer config.
 CASES = {

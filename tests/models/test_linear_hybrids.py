@@ -25,9 +25,12 @@ SMALL = {  # per-mixer widths that fit d_model = 32
     "gla": ["model.mixers.gla.num_heads=2", "model.mixers.gla.conv_size=4"],
     "hgrn2": ["model.mixers.hgrn2.num_heads=2"],
     "mlstm": ["model.mixers.mlstm.num_heads=2"],
+    "deltanet": ["model.mixers.deltanet.num_heads=2"],
+    "gdn": ["model.mixers.gdn.num_heads=2"],
 }
-# One in the default run (conv, grouped B/C, D skip; GLA trains in the default run through the
-# gla_hybrid preset's test), the rest in the slow tier: each run costs ~10-20 s of compiles.
+# One in the default run (conv, grouped B/C, D skip; GLA and GDN train in the default run through
+# the gla_hybrid and gdn_hybrid presets' tests), the rest in the slow tier: each run costs ~10-20 s
+# of compiles.
 DEFAULT_RUN = ("ssd",)
 
 
@@ -51,4 +54,5 @@ def test_three_to_one_hybrid_trains(kind, tmp_path):
     assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.3, losses
     assert np.isfinite(summary["eval"]["loss"])
     log = (tmp_path / "train.log").read_text()
-    assert "chunked linear attention impl=auto" in log  # describe() reached the start-up log
+    op = "delta rule" if kind in ("deltanet", "gdn") else "chunked linear attention"
+    assert f"{op} impl=auto" in log  # describe() reached the start-up log
