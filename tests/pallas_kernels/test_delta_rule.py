@@ -9,8 +9,9 @@ strong decays, beta in (0, 2) (negative eigenvalues), token-by-token decode and 
 equal to one parallel call; then stability: keys of huge or tiny norm before normalisation,
 beta at the ends of its range, and 8K-token sequences.
 
-Pallas implementations run in interpret mode, which is slow on 2 cores: the first cases run in
-the default tier, the rest in `slow` (their own test files cover more kernel-specific cases).
+Pallas implementations run in interpret mode, which is slow on 2 cores: one float32 case runs in
+the default tier, the rest in `slow` (their own test files cover the kernel-specific cases,
+bf16 included, in the default tier).
 """
 from __future__ import annotations
 
@@ -58,14 +59,18 @@ CASES = [
     Case("gdn_strong_decay", t=40, gate_bias=-6.0),
     Case("deltanet_negative_eigenvalues", t=45, decay=False, beta_max=2.0),
 ]
-PALLAS_DEFAULT = {CASES[0].name, CASES[1].name}  # Pallas interpret cases in the default tier
 
 
-def _params(cases):
-    """(impl, case) pairs; Pallas implementations outside PALLAS_DEFAULT go to `slow`."""
+def _params(cases, pallas_default=()):
+    """(impl, case) pairs; Pallas implementations go to `slow` but for the cases named in
+    `pallas_default`."""
     return [pytest.param(impl, case, id=f"{impl}-{case}",
-                         marks=[pytest.mark.slow] if impl in PALLAS and case.name not in PALLAS_DEFAULT else [])
+                         marks=[pytest.mark.slow] if impl in PALLAS and case.name not in pallas_default else [])
             for impl in IMPLS for case in cases]
+
+
+def _impls_pallas_slow():
+    return [pytest.param(i, marks=pytest.mark.slow) if i in PALLAS else i for i in IMPLS]
 
 
 def packed_segments(rng: np.random.Generator, b: int, t: int, layout: str) -> np.ndarray:
@@ -184,7 +189,7 @@ def _cotangents(case, seed=5):
 GRAD_NAMES = ("dq", "dk", "dv", "dbeta", "dlog_decay", "dinitial_state")
 
 
-@pytest.mark.parametrize("impl,case", _params(CASES))
+@pytest.mark.parametrize("impl,case", _params(CASES, pallas_default=(CASES[0].name,)))
 def test_float32_forward_and_gradients(impl, case):
     q_k_v, beta, g, s0, seg = make_inputs(case)
     w = _cotangents(case)
@@ -217,7 +222,7 @@ def test_bfloat16_forward_and_gradients(impl, case):
             assert_close(got, want, 3e-2, name)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", _impls_pallas_slow())
 @pytest.mark.parametrize("decay", [False, True])
 def test_decode_and_split_prefill_equal_one_call(impl, decay):
     """A prefill of 13 tokens, the rest one token at a time through `decode_step` (and a second
@@ -286,8 +291,7 @@ def test_beta_at_the_ends_of_its_range(impl, case, beta_value):
             assert_close(got, want, 1e-3, name)
 
 
-@pytest.mark.parametrize("impl", [i if i not in PALLAS else pytest.param(i, marks=pytest.mark.slow)
-                                  for i in IMPLS if i != "reference"])
+@pytest.mark.parametrize("impl", [p for p in _impls_pallas_slow() if p != "reference"])
 @pytest.mark.parametrize("decay", [False, True])
 def test_long_sequence_stays_finite_and_matches(impl, decay):
     """T = 8192 in one document (DeltaNet with no decay keeps every token's influence): the
