@@ -31,7 +31,7 @@ def test_overrides_apply_and_parse_types():
     ("data.source=web", "choose one of"),
     ("model.mixers.attn.num_heads=3", "does not divide model.d_model"),
     ("model.mixers.attn.num_kv_heads=3", "must divide"),
-    ("model.pattern=swa,gdn", "mixer 'gdn', which is not defined"),
+    ("model.pattern=swa,linformer", "mixer 'linformer', which is not defined"),
     ("model.mixers.nope.window=3", "no mixer named 'nope'"),
     ("train.grad_accum=3", "must divide data.batch_size"),
     ("runtime.attention_block_q=100", "power of two"),
