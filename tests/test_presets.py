@@ -6,7 +6,9 @@ from train.config import apply_overrides
 from train.loop import run
 
 
-@pytest.mark.parametrize("name", preset_names())
+# The bigger presets (and the one hybrid whose mixers other tests train) are the slow extras.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("gpt125m", "gla_hybrid") else n
+                                  for n in preset_names()])
 def test_preset_trains_one_step(name, tmp_path):
     cfg = apply_overrides(load_config(name), [
         "train.steps=1", "optimizer.warmup_steps=0", "data.batch_size=2", "data.seq_len=64",

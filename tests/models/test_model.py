@@ -53,7 +53,8 @@ def test_scan_equals_plain_loop():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("remat", ["full", pytest.param("dots", marks=pytest.mark.slow),
+                                   pytest.param("dots_no_batch", marks=pytest.mark.slow)])
 def test_remat_policies_do_not_change_gradients(remat):
     tok, pos, seg = _batch()
     mask = jnp.ones(tok.shape, jnp.float32)

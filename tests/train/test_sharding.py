@@ -108,8 +108,8 @@ def reference(tmp_path_factory):
     return losses(d)
 
 
-# The mixed meshes exercise every axis; the single-axis ones are the slow extras.
-@pytest.mark.parametrize("mesh", [pytest.param(m, marks=pytest.mark.slow) if m in ("dp8", "fsdp8") else m
+# dp2_fsdp2_tp2 exercises every axis; the others are the slow extras.
+@pytest.mark.parametrize("mesh", [pytest.param(m, marks=pytest.mark.slow) if m in ("dp8", "fsdp8", "fsdp2_tp4_accum2") else m
                                   for m in MESHES if m != "one"])
 def test_sharded_training_matches_one_device(mesh, reference, tmp_path):
     ref_losses = reference
