@@ -15,29 +15,18 @@ Order tried with implementation=None: gpu / tpu on their platform, then xla, the
 """
 from __future__ import annotations
 
-import importlib
-import logging
 import math
 
 import jax
 
 from pallas_kernels import dispatch
+from pallas_kernels import pallas_wrappers as pw
 from pallas_kernels.chunked_linear_attention import common, reference
 
 OP = "chunked_linear_attention"
-PALLAS = ("gpu", "tpu")
+PALLAS = pw.PALLAS
 
-dispatch.register(OP, "reference", reference.chunked_linear_attention)
-for _name in ("xla", *PALLAS):
-    try:
-        _module = importlib.import_module(f"pallas_kernels.chunked_linear_attention.{_name}")
-    except ImportError as _e:  # a backend this installation cannot build is absent, and said so
-        logging.getLogger("chimera.kernels").info("%s: %r unavailable: %s", OP, _name, _e)
-    else:
-        dispatch.register(OP, _name, _module.chunked_linear_attention)
-dispatch.set_order(OP, ("xla", "reference"))
-dispatch.set_order(OP, ("gpu", "xla", "reference"), platform="gpu")
-dispatch.set_order(OP, ("tpu", "xla", "reference"), platform="tpu")
+pw.register_implementations(OP, __package__, reference.chunked_linear_attention)
 
 
 def chunked_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -75,17 +64,10 @@ def chunked_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       trailing padding leaves it unchanged). States, decays and accumulation are float32.
     """
     common.check(q, k, v, log_decay, initial_state, segment_ids, scale, chunk_size)
-    if interpret and implementation not in PALLAS:
-        raise ValueError(f"interpret=True needs implementation in {list(PALLAS)}, got {implementation!r}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    options = dict(scale=scale, chunk_size=int(chunk_size))
-    if interpret:
-        options["interpret"] = True
-    signature = dispatch.signature(q=q, k=k, v=v, log_decay=log_decay,
-                                   initial_state=initial_state is not None,
-                                   segments=segment_ids is not None, chunk_size=int(chunk_size))
-    return dispatch.call(OP, q, k, v, log_decay, initial_state, segment_ids,
-                         implementation=implementation, signature=signature, **options)
+    options = pw.dispatch_kwargs(
+        q, k, v, log_decay, initial_state, segment_ids, scale=scale, chunk_size=chunk_size,
+        implementation=implementation, interpret=interpret)
+    return dispatch.call(OP, q, k, v, log_decay, initial_state, segment_ids, **options)
 
 
 def decode_step(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array | None,

@@ -65,6 +65,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import pallas_wrappers as pw
 from pallas_kernels.chunked_linear_attention import common
 from pallas_kernels.chunked_linear_attention import gpu_kernels as kern
 
@@ -92,7 +93,7 @@ def chunked_linear_attention(q, k, v, log_decay, initial_state, segment_ids, *, 
     initial_state None | [B,H,K,V], segment_ids None | int [B,T] -> (o [B,T,H,V] in q.dtype,
     final state [B,H,K,V] fp32). `interpret=True` runs the kernels in Pallas interpret mode
     (any backend, e.g. CPU tests). Raises NotImplementedError for what it cannot serve."""
-    _check_supported(q, v, interpret)
+    pw.check_triton_supported(q, v, interpret, HEAD_DIMS)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     cdt = jnp.result_type(q.dtype, k.dtype, v.dtype)
@@ -112,49 +113,12 @@ def chunked_linear_attention(q, k, v, log_decay, initial_state, segment_ids, *, 
         mode=mode, chunk=chunk, num_chunks=tp // chunk, scale=float(scale),
         heads=h, kv_heads=k.shape[2], block_k=min(dk, block), block_v=min(dv, block),
         dot_dtype=jnp.dtype(F32) if wide else jnp.dtype(jnp.bfloat16),
-        precision=_precision(cdt, interpret), has_s0=initial_state is not None,
+        precision=pw.triton_precision(cdt, interpret), has_s0=initial_state is not None,
         num_stages=WIDE_STAGES if wide else NUM_STAGES)
     s0 = None if initial_state is None else initial_state.astype(F32)
     g = None if mode == "none" else prep.g
     o, s_final = _core(cfg, bool(interpret), prep.q, prep.k, prep.v, g, prep.doc, s0)
     return common.finish(o, prep.valid).astype(out_dtype), s_final
-
-
-def _check_supported(q, v, interpret) -> None:
-    """NotImplementedError (with the reason) for calls these kernels do not serve."""
-    if not interpret:
-        platform = _target_platform()
-        if platform not in ("gpu", "cuda"):
-            raise NotImplementedError(
-                f"Pallas Triton kernels need a GPU backend (platform is {platform!r}); "
-                "pass interpret=True to run them in interpret mode")
-    dk, dv = q.shape[-1], v.shape[-1]
-    if dk not in HEAD_DIMS or dv not in HEAD_DIMS:
-        raise NotImplementedError(
-            f"head dims K={dk}, V={dv} not supported: both must be one of {HEAD_DIMS} "
-            "(powers of two, Triton tiles)")
-
-
-def _precision(cdt, interpret: bool):
-    """Matmul precision of the kernels. fp32 inputs: 3-pass tf32 on GPU (fp32-level accuracy on
-    tensor cores; Triton's ieee fp32 dot is an FMA loop that spills thousands of bytes per
-    thread at these tile sizes), exact fp32 in interpret mode. Other inputs: DEFAULT (bf16
-    operands for bf16; tf32 for fp16 inputs, whose operands are cast to fp32)."""
-    if cdt != F32:
-        return lax.Precision.DEFAULT
-    return lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-
-
-def _target_platform() -> str:
-    """Platform being compiled for: an abstract mesh's device when one is set (cross-lowering
-    for a GPU from a CPU host), else JAX's default backend."""
-    try:
-        device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    except Exception:  # noqa: BLE001 - older/newer jax without abstract meshes
-        device = None
-    if device is not None and getattr(device, "platform", None):
-        return str(device.platform)
-    return jax.default_backend()
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -178,7 +142,9 @@ def _core_bwd(cfg, interpret, res, cotangents):
     dq, dgq = _dq(cfg, interpret, q, k, v, do, g, doc, s0)
     dk, dgk, ds0 = _dk(cfg, interpret, q, k, v, do, g, doc, ds_final)
     dv = _dv(cfg, interpret, q, k, do, g, doc, ds_final)
-    dk, dv = _sum_groups(dk, cfg, k.dtype), _sum_groups(dv, cfg, v.dtype)
+    # per query head [B,Tp,H,D] -> per kv head [B,Tp,G,D]
+    dk = pw.sum_kv_groups(dk, cfg.kv_heads, axis=2).astype(k.dtype)
+    dv = pw.sum_kv_groups(dv, cfg.kv_heads, axis=2).astype(v.dtype)
     dg = None
     if cfg.mode != "none":
         if cfg.mode == "scalar":          # partial sums over the K tiles: [NK, B, Tp, H]
@@ -195,15 +161,10 @@ def _core_bwd(cfg, interpret, res, cotangents):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def _sum_groups(x, cfg, dtype):
-    """Per-query-head [B,Tp,H,D] -> per-kv-head [B,Tp,G,D] (sum over each group)."""
-    if cfg.heads == cfg.kv_heads:
-        return x.astype(dtype)
-    b, tp, h, d = x.shape
-    return jnp.sum(x.reshape(b, tp, cfg.kv_heads, h // cfg.kv_heads, d), axis=3).astype(dtype)
-
-
 # ----------------------------------------------------------------------------- pallas_calls
+
+_call = pw.named_pallas_call
+
 
 def _params(cfg, state_elems: int, width: int):
     """Triton launch parameters: 8 warps once the fp32 state tile or a [C, D] tile is large."""
@@ -214,21 +175,6 @@ def _params(cfg, state_elems: int, width: int):
 def _token_spec(tp, d, head, tile):
     """Whole-row block [Tp, d] of a [B, Tp, heads, D] tensor; grid (b, h, j)."""
     return pl.BlockSpec((None, tp, None, d), lambda b, h, j: (b, 0, head(h), tile(j)))
-
-
-def _call(kernel, cfg, interpret, grid, inputs, outputs, name, params):
-    """pallas_call with named refs: inputs / outputs are lists of (name, array-or-shape, spec)."""
-    names = tuple(n for n, _, _ in inputs) + tuple(n for n, _, _ in outputs)
-    return pl.pallas_call(
-        functools.partial(kernel, cfg=cfg, names=names),
-        grid=grid,
-        in_specs=[s for _, _, s in inputs],
-        out_specs=[s for _, _, s in outputs],
-        out_shape=[a for _, a, _ in outputs],
-        compiler_params=params,
-        interpret=interpret,
-        name=name,
-    )(*[a for _, a, _ in inputs])
 
 
 def _decay_input(cfg, g, tp, tile):

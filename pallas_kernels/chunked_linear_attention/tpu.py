@@ -60,6 +60,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import pallas_wrappers as pw
 from pallas_kernels.chunked_linear_attention import common
 from pallas_kernels.chunked_linear_attention import tpu_kernels as kernels
 
@@ -70,23 +71,13 @@ MAX_HEAD_DIM = 256  # [K, V] fp32 state and [C, K] fp32 temporaries stay far bel
 
 def refusal(q, v, log_decay, chunk_size: int, interpret: bool) -> str | None:
     """Why these kernels cannot serve the call, or None if they can."""
-    if not interpret and jax.default_backend() != "tpu":
-        return (f"Pallas Mosaic kernels need a TPU backend (default backend is "
-                f"{jax.default_backend()!r}); pass interpret=True to emulate them")
-    return shape_refusal(q, v, log_decay, chunk_size)
+    return pw.mosaic_platform_refusal(interpret) or shape_refusal(q, v, log_decay, chunk_size)
 
 
 def shape_refusal(q, v, log_decay, chunk_size: int) -> str | None:
     """Shape / option part of `refusal` (independent of the platform)."""
     del log_decay  # every decay form (None, per head, per channel) is served
-    if chunk_size not in CHUNK_SIZES:
-        return f"chunk_size {chunk_size} not supported; accepted: {list(CHUNK_SIZES)}"
-    dk, dv = q.shape[-1], v.shape[-1]
-    for name, d in (("K", dk), ("V", dv)):
-        if d % 8 or d > MAX_HEAD_DIM:
-            return (f"head dim {name}={d} not supported; accepted: multiples of 8 up to "
-                    f"{MAX_HEAD_DIM}")
-    return None
+    return pw.mosaic_shape_refusal(q, v, chunk_size, CHUNK_SIZES, MAX_HEAD_DIM)
 
 
 def chunked_linear_attention(q, k, v, log_decay, initial_state, segment_ids, *, scale: float,
@@ -127,20 +118,10 @@ def chunked(q, k, v, log_decay, initial_state, segment_ids, *, scale: float, chu
     gh = None if mode == "none" else head_major(p.g)                     # fp32
     s0 = (jnp.zeros((b, h, dk, dv), F32) if initial_state is None
           else initial_state.astype(F32))
-    o, s_t = _core(qh, kh, vh, gh, s0, _relative_docs(p.doc, chunk_size),
+    o, s_t = _core(qh, kh, vh, gh, s0, pw.relative_docs(p.doc, chunk_size),
                    _Config(mode, float(scale), chunk_size, bool(interpret)))
     o = common.finish(head_major(o), p.valid)
     return o.astype(q.dtype), s_t
-
-
-def _relative_docs(doc, chunk):
-    """doc int32 [B, Tp] -> float32 [B, n, 1, C]: each token's document number minus that of
-    the previous chunk's last token (0 before the first chunk: the initial state's document).
-    Zero means the carried state reaches the token; equal values mean same document."""
-    b, tp = doc.shape
-    d = doc.reshape(b, tp // chunk, chunk)
-    prev_end = jnp.concatenate([jnp.zeros((b, 1), doc.dtype), d[:, :-1, -1]], axis=1)
-    return (d - prev_end[:, :, None]).astype(F32)[:, :, None, :]
 
 
 def _kernel_gate(g, cfg: _Config):
@@ -189,8 +170,9 @@ def _core_bwd(cfg: _Config, residuals, cotangents):
             da, last = jnp.sum(da, axis=-1), jnp.sum(last, axis=-1)
         da = da.at[:, :, tp - 1].add(last)
         dg = jax.lax.cumsum(da, axis=2, reverse=True)
-    group_sum = lambda x: x.reshape(b, n_kv, h // n_kv, *x.shape[2:]).sum(axis=2)
-    return (dq.astype(q.dtype), group_sum(dk_h).astype(k.dtype), group_sum(dv_h).astype(v.dtype),
+    dk = pw.sum_kv_groups(dk_h, n_kv, axis=1).astype(k.dtype)  # per query head -> per kv head
+    dv = pw.sum_kv_groups(dv_h, n_kv, axis=1).astype(v.dtype)
+    return (dq.astype(q.dtype), dk, dv,
             dg, ds0, jnp.zeros_like(doc))
 
 

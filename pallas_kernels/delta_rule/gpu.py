@@ -74,6 +74,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import pallas_wrappers as pw
 from pallas_kernels.delta_rule import common
 from pallas_kernels.delta_rule import gpu_kernels as kern
 
@@ -99,7 +100,7 @@ def delta_rule(q, k, v, beta, log_decay, initial_state, segment_ids, *, scale: f
     final state [B,H,K,V] fp32). q and k are expected L2-normalised (api.py). `interpret=True`
     runs the kernels in Pallas interpret mode (any backend, e.g. CPU tests). Raises
     NotImplementedError for what it cannot serve."""
-    _check_supported(q, v, interpret)
+    pw.check_triton_supported(q, v, interpret, HEAD_DIMS)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     cdt = jnp.result_type(q.dtype, k.dtype, v.dtype)
@@ -114,7 +115,8 @@ def delta_rule(q, k, v, beta, log_decay, initial_state, segment_ids, *, scale: f
         chunk=chunk, num_chunks=tp // chunk, scale=float(scale), heads=h, kv_heads=k.shape[2],
         key_dim=dk, block_v=min(dv, WIDE_BLOCK_V if wide else BLOCK_V),
         dot_dtype=jnp.dtype(F32) if wide else jnp.dtype(jnp.bfloat16),
-        precision=_precision(cdt, interpret), inv_precision=_precision(F32, interpret),
+        precision=pw.triton_precision(cdt, interpret),
+        inv_precision=pw.triton_precision(F32, interpret),
         has_g=log_decay is not None, has_s0=initial_state is not None, with_t=False,
         num_stages=1 if wide else NUM_STAGES)
     s0 = None if initial_state is None else initial_state.astype(F32)
@@ -122,42 +124,6 @@ def delta_rule(q, k, v, beta, log_decay, initial_state, segment_ids, *, scale: f
     o, s_final = _core(cfg, bool(interpret), prep.q, prep.k, prep.v, prep.beta, g, prep.doc,
                        _reach(prep.doc, chunk), s0)
     return common.finish(o, prep.valid).astype(out_dtype), s_final
-
-
-def _check_supported(q, v, interpret) -> None:
-    """NotImplementedError (with the reason) for calls these kernels do not serve."""
-    if not interpret:
-        platform = _target_platform()
-        if platform not in ("gpu", "cuda"):
-            raise NotImplementedError(
-                f"Pallas Triton kernels need a GPU backend (platform is {platform!r}); "
-                "pass interpret=True to run them in interpret mode")
-    dk, dv = q.shape[-1], v.shape[-1]
-    if dk not in HEAD_DIMS or dv not in HEAD_DIMS:
-        raise NotImplementedError(
-            f"head dims K={dk}, V={dv} not supported: both must be one of {HEAD_DIMS} "
-            "(powers of two, Triton tiles)")
-
-
-def _precision(cdt, interpret: bool):
-    """Matmul precision: fp32 operands use 3-pass tf32 on GPU (fp32-level accuracy on tensor
-    cores; Triton's ieee fp32 dot is an FMA loop that spills at these tile sizes) and exact
-    fp32 in interpret mode; bf16 / fp16 inputs use DEFAULT."""
-    if cdt != F32:
-        return lax.Precision.DEFAULT
-    return lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-
-
-def _target_platform() -> str:
-    """Platform being compiled for: an abstract mesh's device when one is set (cross-lowering
-    for a GPU from a CPU host), else JAX's default backend."""
-    try:
-        device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    except Exception:  # noqa: BLE001 - older/newer jax without abstract meshes
-        device = None
-    if device is not None and getattr(device, "platform", None):
-        return str(device.platform)
-    return jax.default_backend()
 
 
 def _reach(doc, chunk: int):
@@ -197,7 +163,9 @@ def _core_bwd(cfg, interpret, res, cotangents):
     dhs, ds0 = _dstate(cfg, interpret, q, k, do, t, beta, g, doc, reach, ds_final.astype(F32))
     dq, dk, dv, dbeta, d_g = _grads(cfg, interpret, q, k, v, do, u, t, beta, g, doc, reach,
                                     hs, dhs)
-    dk, dv = _sum_groups(dk, cfg, k.dtype), _sum_groups(dv, cfg, v.dtype)
+    # per query head [B,Tp,H,D] -> per kv head [B,Tp,G,D]
+    dk = pw.sum_kv_groups(dk, cfg.kv_heads, axis=2).astype(k.dtype)
+    dv = pw.sum_kv_groups(dv, cfg.kv_heads, axis=2).astype(v.dtype)
     dg = None
     if cfg.has_g:   # G = cumsum of g within each chunk: dg = reverse cumsum of dG per chunk
         b, tp, h = d_g.shape
@@ -209,15 +177,10 @@ def _core_bwd(cfg, interpret, res, cotangents):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def _sum_groups(x, cfg, dtype):
-    """Per-query-head [B,Tp,H,D] -> per-kv-head [B,Tp,G,D] (sum over each group)."""
-    if cfg.heads == cfg.kv_heads:
-        return x.astype(dtype)
-    b, tp, h, d = x.shape
-    return jnp.sum(x.reshape(b, tp, cfg.kv_heads, h // cfg.kv_heads, d), axis=3).astype(dtype)
-
-
 # ----------------------------------------------------------------------------- pallas_calls
+
+_call = pw.named_pallas_call
+
 
 def _params(cfg, tile_elems: int, stages: int = 1):
     """Triton launch parameters: 8 warps once the fp32 tiles a program holds are large (a
@@ -226,23 +189,6 @@ def _params(cfg, tile_elems: int, stages: int = 1):
     del cfg
     return pltriton.CompilerParams(num_warps=4 if tile_elems < 64 * 64 else 8,
                                    num_stages=stages)
-
-
-def _call(kernel, cfg, interpret, grid, inputs, outputs, name, params):
-    """pallas_call with named refs: inputs / outputs are lists of (name, array-or-shape, spec);
-    entries whose array is None (an absent optional input) are dropped."""
-    inputs = [x for x in inputs if x[1] is not None]
-    names = tuple(n for n, _, _ in inputs) + tuple(n for n, _, _ in outputs)
-    return pl.pallas_call(
-        functools.partial(kernel, cfg=cfg, names=names),
-        grid=grid,
-        in_specs=[s for _, _, s in inputs],
-        out_specs=[s for _, _, s in outputs],
-        out_shape=[a for _, a, _ in outputs],
-        compiler_params=params,
-        interpret=interpret,
-        name=name,
-    )(*[a for _, a, _ in inputs])
 
 
 class _Specs:

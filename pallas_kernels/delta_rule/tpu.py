@@ -74,6 +74,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import pallas_wrappers as pw
 from pallas_kernels.delta_rule import common
 from pallas_kernels.delta_rule import tpu_kernels as kernels
 
@@ -84,21 +85,12 @@ MAX_HEAD_DIM = 256  # [K, V] fp32 state, [C, K] and [C, C] fp32 temporaries stay
 
 def refusal(q, v, chunk_size: int, interpret: bool) -> str | None:
     """Why these kernels cannot serve the call, or None if they can."""
-    if not interpret and jax.default_backend() != "tpu":
-        return (f"Pallas Mosaic kernels need a TPU backend (default backend is "
-                f"{jax.default_backend()!r}); pass interpret=True to emulate them")
-    return shape_refusal(q, v, chunk_size)
+    return pw.mosaic_platform_refusal(interpret) or shape_refusal(q, v, chunk_size)
 
 
 def shape_refusal(q, v, chunk_size: int) -> str | None:
     """Shape / option part of `refusal` (independent of the platform)."""
-    if chunk_size not in CHUNK_SIZES:
-        return f"chunk_size {chunk_size} not supported; accepted: {list(CHUNK_SIZES)}"
-    for name, d in (("K", q.shape[-1]), ("V", v.shape[-1])):
-        if d % 8 or d > MAX_HEAD_DIM:
-            return (f"head dim {name}={d} not supported; accepted: multiples of 8 up to "
-                    f"{MAX_HEAD_DIM}")
-    return None
+    return pw.mosaic_shape_refusal(q, v, chunk_size, CHUNK_SIZES, MAX_HEAD_DIM)
 
 
 def delta_rule(q, k, v, beta, log_decay, initial_state, segment_ids, *, scale: float,
@@ -137,20 +129,10 @@ def chunked(q, k, v, beta, log_decay, initial_state, segment_ids, *, scale: floa
     gh = None if log_decay is None else head_major(p.g)                 # fp32
     s0 = (jnp.zeros((b, h, dk, dv), F32) if initial_state is None
           else initial_state.astype(F32))
-    o, s_t = _core(qh, kh, vh, head_major(p.beta), gh, s0, _relative_docs(p.doc, chunk_size),
+    o, s_t = _core(qh, kh, vh, head_major(p.beta), gh, s0, pw.relative_docs(p.doc, chunk_size),
                    _Config(float(scale), chunk_size, bool(interpret)))
     o = common.finish(head_major(o), p.valid)
     return o.astype(q.dtype), s_t
-
-
-def _relative_docs(doc, chunk):
-    """doc int32 [B, Tp] -> float32 [B, n, 1, C]: each token's document number minus that of
-    the previous chunk's last token (0 before the first chunk: the initial state's document).
-    Zero means the carried state reaches the token; equal values mean same document."""
-    b, tp = doc.shape
-    d = doc.reshape(b, tp // chunk, chunk)
-    prev_end = jnp.concatenate([jnp.zeros((b, 1), doc.dtype), d[:, :-1, -1]], axis=1)
-    return (d - prev_end[:, :, None]).astype(F32)[:, :, None, :]
 
 
 def _rows(x, chunk):
@@ -194,8 +176,9 @@ def _core_bwd(cfg: _Config, residuals, cotangents):
         q, k, v, beta_rows, gate, doc, states, do.astype(q.dtype), ds_t.astype(F32), **opts)
     # G = chunk-local cumsum of g: dg_t = sum of dG_i over i >= t in t's chunk
     dg = None if g is None else jnp.cumsum(dgate[..., ::-1], axis=-1)[..., ::-1].reshape(b, h, tp)
-    group_sum = lambda x: x.reshape(b, n_kv, h // n_kv, *x.shape[2:]).sum(axis=2)
-    return (dq.astype(q.dtype), group_sum(dk_h).astype(k.dtype), group_sum(dv_h).astype(v.dtype),
+    dk = pw.sum_kv_groups(dk_h, n_kv, axis=1).astype(k.dtype)  # per query head -> per kv head
+    dv = pw.sum_kv_groups(dv_h, n_kv, axis=1).astype(v.dtype)
+    return (dq.astype(q.dtype), dk, dv,
             dbeta.reshape(b, h, tp), dg, ds0, jnp.zeros_like(doc))
 
 
