@@ -5,9 +5,18 @@ Registered for `AttentionConfig`; the default mixer names "attn" (full) and "swa
 are two configs of this one module. The math lives in `pallas_kernels.attention.attention`;
 this module only projects, normalises, rotates and hands over.
 
+With `runtime.attention_impl="block_sparse"` training and prefill go through
+`pallas_kernels.block_sparse_attention` instead, with a causal or sliding-window block layout
+built once per sequence length on the host (implementation: `runtime.sparse_attention_impl`).
+The layout is by token index, so this assumes what the blocked attention path assumes: positions
+increase by one along each document of a packed row (segment ids mask the other documents).
+Decode keeps the attention op: a ring-buffer cache has no index order for a layout to follow.
+
 Shapes: B batch, T time, H query heads, K kv heads (H % K == 0), D head dim, d model width.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +29,8 @@ from layers.registry import LayerContext, register_mixer
 from layers.rope import apply_rope
 from layers.sharding import constrain
 from pallas_kernels.attention.api import attention
+from pallas_kernels.block_sparse_attention import masks
+from pallas_kernels.block_sparse_attention.api import block_sparse_attention
 from train.config import AttentionConfig
 
 
@@ -52,10 +63,17 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
+        rt = self.runtime
+        block_sparse = rt.attention_impl == "block_sparse"
         kw = dict(window=cfg.window, logit_softcap=cfg.logit_softcap,
-                  implementation=self.runtime.attention_impl,
-                  block_q=self.runtime.attention_block_q, block_k=self.runtime.attention_block_k)
-        if cache is None:
+                  implementation=None if block_sparse else rt.attention_impl,
+                  block_q=rt.attention_block_q, block_k=rt.attention_block_k)
+        if cache is None and block_sparse:
+            lay = _layout(t, cfg.window, rt.attention_block_q, rt.attention_block_k)
+            o, _ = block_sparse_attention(q, k, v, lay, segment_ids=segment_ids,
+                                          logit_softcap=cfg.logit_softcap,
+                                          implementation=rt.sparse_attention_impl)
+        elif cache is None:
             o = attention(q, k, v, segment_ids=segment_ids, positions=positions, **kw)
         else:
             keys, cache = kv_cache_update(cache, k, v, segment_ids, positions)
@@ -91,5 +109,18 @@ class Attention(nnx.Module):
             parts.append("qk_norm")
         if c.logit_softcap:
             parts.append(f"softcap={c.logit_softcap}")
-        parts.append(f"impl={self.runtime.attention_impl or 'auto'}")
+        rt = self.runtime
+        if rt.attention_impl == "block_sparse":
+            parts.append(f"impl=block_sparse/{rt.sparse_attention_impl or 'auto'} "
+                         f"(decode: attention op)")
+        else:
+            parts.append(f"impl={rt.attention_impl or 'auto'}")
         return ", ".join(parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(t: int, window: int | None, block_q: int, block_k: int):
+    """Host-built causal / sliding-window block layout for sequence length t (cached: a model
+    builds it once per length, shared by its layers)."""
+    mask = masks.Causal() if window is None else masks.SlidingWindow(window)
+    return masks.build_layout(mask, t, t, min(block_q, t), min(block_k, t))

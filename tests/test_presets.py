@@ -6,8 +6,11 @@ from train.config import apply_overrides
 from train.loop import run
 
 
-# The bigger presets (and the one hybrid whose mixers other tests train) are the slow extras.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("gpt125m", "gla_hybrid") else n
+# The bigger presets (and the hybrids whose mixers other tests train) are the slow extras.
+SLOW = ("gpt125m", "gla_hybrid", "moba_hybrid", "nsa_hybrid")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
                                   for n in preset_names()])
 def test_preset_trains_one_step(name, tmp_path):
     cfg = apply_overrides(load_config(name), [

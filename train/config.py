@@ -280,11 +280,18 @@ class RuntimeConfig:
       (save only layer inputs), "dots" (save matmul outputs), "dots_no_batch" (save matmuls
       without batch dims, i.e. weight matmuls, recompute attention).
     attention_impl: None tries the best implementation for the platform; "xla" or "reference"
-      forces one (and fails loudly if it cannot serve a call).
+      forces one (and fails loudly if it cannot serve a call). "block_sparse": the softmax
+      attention mixers (attn / swa) compute through the block-sparse op
+      (`pallas_kernels.block_sparse_attention`) with a causal / sliding-window layout, in the
+      implementation `sparse_attention_impl` names.
     linear_attention_impl: the same for the ops of the linear-attention mixers,
       `pallas_kernels.chunked_linear_attention` and `pallas_kernels.delta_rule` (deltanet, gdn):
       None, "xla", "reference", "gpu" (Pallas Triton) or "tpu" (Pallas Mosaic).
     linear_attention_chunk: chunk length of the chunked implementations of both ops.
+    sparse_attention_impl: the implementation of `pallas_kernels.block_sparse_attention`, used
+      by the routed sparse mixers (moba, nsa) and by attention with attention_impl="block_sparse":
+      None (best available for the platform, with fallback), "xla", "reference", "gpu" (Pallas
+      Triton) or "tpu" (Pallas Mosaic); a named one never falls back.
     mesh_data, mesh_fsdp, mesh_tensor: the device mesh (train/mesh.py, layers/sharding.py):
       data parallel, fully-sharded data parallel (params split too) and tensor parallel sizes.
       At most one may be -1, meaning "all the devices the others leave"; their product must
@@ -295,11 +302,12 @@ class RuntimeConfig:
     """
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attention_impl: Literal["xla", "reference"] | None = None
+    attention_impl: Literal["xla", "reference", "block_sparse"] | None = None
     attention_block_q: int = 128
     attention_block_k: int = 128
     linear_attention_impl: Literal["xla", "reference", "gpu", "tpu"] | None = None
     linear_attention_chunk: int = 64
+    sparse_attention_impl: Literal["xla", "reference", "gpu", "tpu"] | None = None
     mesh_data: int = -1
     mesh_fsdp: int = 1
     mesh_tensor: int = 1
@@ -519,3 +527,4 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 from train import linear_attention_config  # noqa: E402,F401  (registers the linear-attention mixer kinds)
+from train import sparse_attention_config  # noqa: E402,F401  (registers the sparse-attention mixer kinds)

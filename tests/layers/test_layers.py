@@ -163,3 +163,21 @@ def test_tied_head_is_the_transposed_embedding():
     x = e(tok)
     np.testing.assert_allclose(np.asarray(x[0, 1]), np.asarray(e.embedding[...][3]))
     np.testing.assert_allclose(np.asarray(e.attend(x)), np.asarray(x) @ np.asarray(e.embedding[...]).T, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n if n == "gqa_window" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in CASES])
+def test_attention_mixer_through_block_sparse_op(name):
+    """runtime.attention_impl="block_sparse" (a causal / window block layout, segment ids on top)
+    gives the attention op's output, and its gradients, on packed documents with a ragged tail."""
+    cfg = CASES[name]
+    x, seg, pos = _packed_inputs()
+    seg = seg.at[:, -3:].set(0)  # trailing padding
+    outs = []
+    for impl in ("xla", "block_sparse"):
+        m = _mixer(cfg, impl=impl)
+        assert ("block_sparse" in m.describe()) == (impl == "block_sparse")
+        loss = lambda x: (m(x, positions=pos, segment_ids=seg)[0] ** 2).sum()
+        outs.append((m(x, positions=pos, segment_ids=seg)[0], jax.grad(loss)(x)))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)

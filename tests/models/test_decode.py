@@ -20,6 +20,7 @@ from layers import registry
 from train.config import AttentionConfig, ModelConfig, RuntimeConfig
 from train.linear_attention_config import (DeltaNetConfig, GDNConfig, GLAConfig, HGRN2Config, LightningConfig,
                                            LinearAttnConfig, MLSTMConfig, RetentionConfig, SSDConfig)
+from train.sparse_attention_config import MoBAConfig, NSAConfig
 
 VOCAB, T, PREFILL = 64, 19, 7
 WINDOW = 4  # < PREFILL < T: the ring buffers wrap during prefill and again while decoding
@@ -46,10 +47,17 @@ _LINEAR = ModelConfig(
             "deltanet": DeltaNetConfig(num_heads=2, allow_neg_eigval=True),
             "gdn": GDNConfig(num_heads=2, use_gate=False, conv_size=2),
             "attn": AttentionConfig(num_heads=2)})
+# The routed sparse mixers: selection at decode time must reproduce the parallel routing.
+_SPARSE = ModelConfig(
+    vocab_size=VOCAB, d_model=32, num_layers=3, pattern=("moba", "nsa"),
+    mixers={"moba": MoBAConfig(num_heads=4, num_kv_heads=2, block_size=4, top_k=2, key_conv_size=3),
+            "nsa": NSAConfig(num_heads=4, num_kv_heads=2, block_size=4, num_selected=3,
+                             window=WINDOW, compression="mlp")})
 # Add a case (or a name in _VARIANTS.pattern) for every new mixer config.
 CASES = {
     "attention_family": _VARIANTS,
     "linear_attention_family": _LINEAR,
+    "sparse_attention_family": _SPARSE,
 }
 SLOW_CASES = {
     "attention_family_unscanned_untied_mha": dataclasses.replace(
