@@ -13,6 +13,9 @@ the all-blocks layout of the same implementation (the dense blocked path); the C
 Table 2 (length): T doubling at fixed work per query: a sliding window of --window keys
 (host-built layout) and a causal top-k of --topk blocks per query block chosen at random on
 device (`layout.from_topk`, the MoBA/NSA path). The CPU target is time x2.3 at most per doubling.
+`blocks` is the number of listed (query block, key block) pairs, which grows a little faster than
+T while T is within a few windows (early query blocks list fewer); `f+b us/block` is the
+forward+backward time per listed block, flat when time follows the listed blocks.
 
 Forward and forward+backward (value_and_grad of sum(o * w) w.r.t. q, k, v), jit'd, median of
 --runs after a compile run. No asserts: this is for reading, not for CI.
@@ -20,6 +23,7 @@ Forward and forward+backward (value_and_grad of sum(o * w) w.r.t. q, k, v), jit'
 from __future__ import annotations
 
 import argparse
+import math
 
 import jax
 import jax.numpy as jnp
@@ -112,22 +116,29 @@ def length_table(impl: str, shape, lengths, block: int, window: int, topk: int, 
     print(f"\n[{impl}] time vs T: B={b} H={h} D={d} block={block} (ms; 'x' = time / time at "
           f"T/2; target x <= 2.3)")
     header = (f"{'layout':>12} {'T':>6} | {'fwd':>9} | {'fwd+bwd':>9} | {'fwd x':>6} | "
-              f"{'f+b x':>6} | {'density':>7}")
+              f"{'f+b x':>6} | {'blocks':>6} | {'blocks x':>8} | {'f+b us/block':>12}")
     print(header)
     print("-" * len(header))
     kinds = {f"window {window}": lambda t: masks.build_layout(masks.SlidingWindow(window), t, t,
                                                                block, block),
              f"top-{topk}": lambda t: _topk_layout(t, block, topk)}
     for name, make in kinds.items():
-        prev = None
+        prev = first = None
         for t in lengths:
             lay = make(t)
             f, fb = _time(impl, _inputs(b, t, h, d, dtype), lay, runs)
-            dens = float(np.mean(layout_lib.density(lay)))
-            rat = ("{:6.2f} | {:6.2f}".format(f / prev[0], fb / prev[1]) if prev
-                   else f"{'-':>6} | {'-':>6}")
-            print(f"{name:>12} {t:>6} | {f:9.1f} | {fb:9.1f} | {rat} | {dens:7.4f}")
-            prev = (f, fb)
+            blocks = int(np.asarray(lay.kv_counts).sum())  # listed (query block, key block) pairs
+            rat = ("{:6.2f} | {:6.2f} | {:6d} | {:8.2f}".format(
+                f / prev[0], fb / prev[1], blocks, blocks / prev[2]) if prev
+                   else f"{'-':>6} | {'-':>6} | {blocks:6d} | {'-':>8}")
+            print(f"{name:>12} {t:>6} | {f:9.1f} | {fb:9.1f} | {rat} | {fb * 1e3 / blocks:12.1f}")
+            prev = (f, fb, blocks)
+            first = first or prev
+        doublings = math.log2(lengths[-1] / lengths[0])
+        if doublings > 0:
+            per = [(prev[i] / first[i]) ** (1 / doublings) for i in range(3)]
+            print(f"{name:>12} {'mean':>6} | per doubling (geometric): fwd x{per[0]:.2f}, "
+                  f"f+b x{per[1]:.2f}, blocks x{per[2]:.2f}")
 
 
 def main() -> None:
