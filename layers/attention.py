@@ -16,8 +16,6 @@ Shapes: B batch, T time, H query heads, K kv heads (H % K == 0), D head dim, d m
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -69,7 +67,7 @@ class Attention(nnx.Module):
                   implementation=None if block_sparse else rt.attention_impl,
                   block_q=rt.attention_block_q, block_k=rt.attention_block_k)
         if cache is None and block_sparse:
-            lay = _layout(t, cfg.window, rt.attention_block_q, rt.attention_block_k)
+            lay = masks.causal_layout(t, cfg.window, rt.attention_block_q, rt.attention_block_k)
             o, _ = block_sparse_attention(q, k, v, lay, segment_ids=segment_ids,
                                           logit_softcap=cfg.logit_softcap,
                                           implementation=rt.sparse_attention_impl)
@@ -117,10 +115,3 @@ class Attention(nnx.Module):
             parts.append(f"impl={rt.attention_impl or 'auto'}")
         return ", ".join(parts)
 
-
-@functools.lru_cache(maxsize=64)
-def _layout(t: int, window: int | None, block_q: int, block_k: int):
-    """Host-built causal / sliding-window block layout for sequence length t (cached: a model
-    builds it once per length, shared by its layers)."""
-    mask = masks.Causal() if window is None else masks.SlidingWindow(window)
-    return masks.build_layout(mask, t, t, min(block_q, t), min(block_k, t))

@@ -20,7 +20,8 @@ from typing import Any, ClassVar, Literal, Mapping
 
 __all__ = [
     "ConfigError", "MixerConfig", "AttentionConfig", "ModelConfig", "DataConfig", "MQARConfig",
-    "OptimizerConfig", "TrainConfig", "RuntimeConfig", "Config", "register_mixer_config",
+    "OptimizerConfig", "TrainConfig", "RuntimeConfig", "Config", "register_mixer_config", "HeadsConfig",
+    "check_literals",
     "from_dict", "to_dict", "apply_overrides",
 ]
 
@@ -48,24 +49,33 @@ class MixerConfig:
     def check(self, d_model: int, where: str) -> None:
         """Raise ConfigError (naming `where`) when this mixer cannot run at width d_model."""
 
+    def check_runtime(self, runtime: "RuntimeConfig", where: str) -> None:
+        """Raise ConfigError (naming the runtime field) when this mixer cannot be computed the
+        way `runtime` asks (e.g. an implementation that refuses every call it would make)."""
 
-@register_mixer_config
+
+def check_literals(cfg, where: str) -> None:
+    """ConfigError naming `where.field` unless every Literal-typed field of the dataclass `cfg`
+    holds one of its values (from_dict checks this too; direct construction in a preset does
+    not)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is Literal and getattr(cfg, f.name) not in typing.get_args(tp):
+            raise ConfigError(f"{where}.{f.name}={getattr(cfg, f.name)!r} is not accepted; "
+                              f"choose one of {list(typing.get_args(tp))}")
+
+
 @dataclass(frozen=True)
-class AttentionConfig(MixerConfig):
-    """Softmax attention: MHA (num_kv_heads == num_heads), GQA, or MQA (num_kv_heads == 1).
-
-    window: None for full causal attention, or W for sliding-window attention where a query
-        sees itself and the W - 1 tokens before it.
-    qk_norm: RMSNorm on q and k per head (Qwen3 / OLMo2 style) before RoPE.
-    logit_softcap: c * tanh(s / c) on the attention logits (Gemma 2 style), or None.
-    """
-    kind: ClassVar[str] = "attention"
+class HeadsConfig(MixerConfig):
+    """Head layout of the softmax-attention mixers (attention, moba, nsa): num_heads query
+    heads, num_kv_heads key/value heads (MHA when equal or None, GQA, MQA when 1; they must
+    divide num_heads), head_dim (None: d_model // num_heads; even, for RoPE), optional RMSNorm
+    on q and k per head (Qwen3 / OLMo2 style) before RoPE with base rope_theta."""
     num_heads: int = 4
     num_kv_heads: int | None = None  # None: same as num_heads
     head_dim: int | None = None  # None: d_model // num_heads
-    window: int | None = None
     qk_norm: bool = False
-    logit_softcap: float | None = None
     rope_theta: float = 10_000.0
 
     @property
@@ -76,19 +86,43 @@ class AttentionConfig(MixerConfig):
         return self.head_dim if self.head_dim is not None else d_model // self.num_heads
 
     def check(self, d_model: int, where: str) -> None:
+        check_literals(self, where)
         if self.num_heads < 1:
             raise ConfigError(f"{where}.num_heads must be >= 1, got {self.num_heads}")
         if self.head_dim is None and d_model % self.num_heads:
             raise ConfigError(
                 f"{where}.num_heads={self.num_heads} does not divide model.d_model={d_model}; "
                 f"choose a divisor of {d_model} or set {where}.head_dim")
+        if self.head_dim is not None and self.head_dim < 2:
+            raise ConfigError(f"{where}.head_dim must be >= 2 or None, got {self.head_dim}")
         if self.kv_heads < 1 or self.num_heads % self.kv_heads:
             raise ConfigError(
                 f"{where}.num_kv_heads={self.num_kv_heads} must divide "
                 f"{where}.num_heads={self.num_heads} (1 = MQA, num_heads = MHA)")
         hd = self.dim_per_head(d_model)
         if hd % 2:
-            raise ConfigError(f"{where}: head dim {hd} must be even for RoPE")
+            raise ConfigError(f"{where}: head dim {hd} must be even for RoPE "
+                              f"(set {where}.head_dim or change {where}.num_heads)")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"{where}.rope_theta must be > 0, got {self.rope_theta}")
+
+
+@register_mixer_config
+@dataclass(frozen=True)
+class AttentionConfig(HeadsConfig):
+    """Softmax attention: MHA (num_kv_heads == num_heads), GQA, or MQA (num_kv_heads == 1);
+    the head fields are HeadsConfig's.
+
+    window: None for full causal attention, or W for sliding-window attention where a query
+        sees itself and the W - 1 tokens before it.
+    logit_softcap: c * tanh(s / c) on the attention logits (Gemma 2 style), or None.
+    """
+    kind: ClassVar[str] = "attention"
+    window: int | None = None
+    logit_softcap: float | None = None
+
+    def check(self, d_model: int, where: str) -> None:
+        super().check(d_model, where)
         if self.window is not None and self.window < 1:
             raise ConfigError(f"{where}.window must be >= 1 or None (full attention), got {self.window}")
         if self.logit_softcap is not None and self.logit_softcap <= 0:
@@ -344,6 +378,8 @@ class Config:
         self.optimizer.check(self.train.steps)
         self.train.check(self.data.batch_size)
         self.runtime.check()
+        for name in dict.fromkeys(self.model.pattern):
+            self.model.mixer(name).check_runtime(self.runtime, f"model.mixers.{name}")
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -27,28 +27,17 @@ Imported at the bottom of train/config.py, so these kinds exist wherever `Config
 from __future__ import annotations
 
 import math
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from train.config import DEFAULT_MIXERS, ConfigError, MixerConfig, register_mixer_config
+from train.config import (DEFAULT_MIXERS, ConfigError, MixerConfig, check_literals,
+                          register_mixer_config)
 
 __all__ = ["qkv_widths", "head_width", "LinearAttnConfig", "RetentionConfig", "LightningConfig", "SSDConfig", "GLAConfig",
            "HGRN2Config", "MLSTMConfig", "DeltaNetConfig", "GDNConfig", "LINEAR_ATTENTION_CONFIGS"]
 
 
 # ----------------------------------------------------------------------------- shared checks
-
-def _check_literals(cfg, where: str) -> None:
-    """Literal-typed fields hold one of their values (from_dict checks this too; direct
-    construction in a preset does not)."""
-    hints = typing.get_type_hints(type(cfg))
-    for f in fields(cfg):
-        tp = hints[f.name]
-        if typing.get_origin(tp) is Literal and getattr(cfg, f.name) not in typing.get_args(tp):
-            raise ConfigError(f"{where}.{f.name}={getattr(cfg, f.name)!r} is not accepted; "
-                              f"choose one of {list(typing.get_args(tp))}")
-
 
 def _positive(cfg, where: str, *names: str) -> None:
     for n in names:
@@ -115,7 +104,7 @@ class LinearAttnConfig(MixerConfig):
     conv_size: int = 0
 
     def check(self, d_model: int, where: str) -> None:
-        _check_literals(self, where)
+        check_literals(self, where)
         qkv_widths(self, d_model, where)
         if self.normalize and self.feature_map == "identity":
             raise ConfigError(f"{where}.normalize=True needs a non-negative feature map "
@@ -158,7 +147,7 @@ class LightningConfig(MixerConfig):
     conv_size: int = 0
 
     def check(self, d_model: int, where: str) -> None:
-        _check_literals(self, where)
+        check_literals(self, where)
         qkv_widths(self, d_model, where)
         if self.slope_scale < 0:
             raise ConfigError(f"{where}.slope_scale must be >= 0 (0: no decay), got {self.slope_scale}")

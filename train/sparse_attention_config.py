@@ -16,24 +16,12 @@ Imported at the bottom of train/config.py, so these kinds exist wherever `Config
 """
 from __future__ import annotations
 
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from train.config import DEFAULT_MIXERS, ConfigError, MixerConfig, register_mixer_config
+from train.config import DEFAULT_MIXERS, ConfigError, HeadsConfig, register_mixer_config
 
 __all__ = ["MoBAConfig", "NSAConfig", "SPARSE_ATTENTION_CONFIGS"]
-
-
-def _check_literals(cfg, where: str) -> None:
-    """Literal-typed fields hold one of their values (from_dict checks this too; direct
-    construction in a preset does not)."""
-    hints = typing.get_type_hints(type(cfg))
-    for f in fields(cfg):
-        tp = hints[f.name]
-        if typing.get_origin(tp) is Literal and getattr(cfg, f.name) not in typing.get_args(tp):
-            raise ConfigError(f"{where}.{f.name}={getattr(cfg, f.name)!r} is not accepted; "
-                              f"choose one of {list(typing.get_args(tp))}")
 
 
 def _at_least(cfg, where: str, minimum: int, *names: str) -> None:
@@ -42,43 +30,18 @@ def _at_least(cfg, where: str, minimum: int, *names: str) -> None:
             raise ConfigError(f"{where}.{n} must be >= {minimum}, got {getattr(cfg, n)}")
 
 
-@dataclass(frozen=True)
-class _SparseHeads(MixerConfig):
-    """Head layout shared by both kinds (as AttentionConfig): H query heads, K kv heads (GQA,
-    H % K == 0), head dim D (None: d_model // H, even for RoPE), optional RMSNorm on q/k."""
-    num_heads: int = 4
-    num_kv_heads: int | None = None  # None: same as num_heads
-    head_dim: int | None = None  # None: d_model // num_heads
-    qk_norm: bool = False
-    rope_theta: float = 10_000.0
+class _SparseHeads(HeadsConfig):
+    """Both kinds: the attention head fields (train/config.py HeadsConfig), and a refusal of
+    the Pallas implementations, which serve no token-granular layout (block_q = 1)."""
 
-    @property
-    def kv_heads(self) -> int:
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    def dim_per_head(self, d_model: int) -> int:
-        return self.head_dim if self.head_dim is not None else d_model // self.num_heads
-
-    def check(self, d_model: int, where: str) -> None:
-        _check_literals(self, where)
-        if self.num_heads < 1:
-            raise ConfigError(f"{where}.num_heads must be >= 1, got {self.num_heads}")
-        if self.head_dim is None and d_model % self.num_heads:
+    def check_runtime(self, runtime, where: str) -> None:
+        impl = runtime.sparse_attention_impl
+        if impl in ("gpu", "tpu"):
             raise ConfigError(
-                f"{where}.num_heads={self.num_heads} does not divide model.d_model={d_model}; "
-                f"choose a divisor of {d_model} or set {where}.head_dim")
-        if self.head_dim is not None and self.head_dim < 2:
-            raise ConfigError(f"{where}.head_dim must be >= 2 or None, got {self.head_dim}")
-        if self.kv_heads < 1 or self.num_heads % self.kv_heads:
-            raise ConfigError(
-                f"{where}.num_kv_heads={self.num_kv_heads} must divide "
-                f"{where}.num_heads={self.num_heads} (1 = MQA, num_heads = MHA)")
-        hd = self.dim_per_head(d_model)
-        if hd % 2:
-            raise ConfigError(f"{where}: head dim {hd} must be even for RoPE "
-                              f"(set {where}.head_dim or change {where}.num_heads)")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"{where}.rope_theta must be > 0, got {self.rope_theta}")
+                f"runtime.sparse_attention_impl={impl!r} cannot compute {where} ({self.kind}): "
+                f"its routing is per query token (block layouts with block_q = 1), which the "
+                f"Pallas {impl} kernels do not serve (they need blocks of >= 16 / 128 queries); "
+                f"use 'xla', 'reference' or None")
 
 
 @register_mixer_config

@@ -14,8 +14,6 @@ end is not detected inside jit.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,17 +26,9 @@ from layers.norm import RMSNorm
 from layers.registry import LayerContext
 from layers.rope import apply_rope
 from layers.sharding import constrain
-from pallas_kernels.block_sparse_attention import masks
 
 F32 = jnp.float32
 HEADS = ("batch", "seq", "act_heads", None)
-
-
-@functools.lru_cache(maxsize=32)
-def window_layout(window: int, length: int, block_q: int, block_k: int):
-    """Host-built (numpy) causal sliding-window layout i - window < j <= i, cached per shape."""
-    return masks.build_layout(masks.SlidingWindow(window), length, length, min(block_q, length),
-                              min(block_k, length))
 
 
 def mean_visible(length: int, fn) -> float:

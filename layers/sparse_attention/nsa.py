@@ -68,8 +68,8 @@ from layers.linear import Dense
 from layers.registry import LayerContext, register_mixer
 from layers.sharding import param
 from layers.sparse_attention import routing
-from layers.sparse_attention.common import (SparseAttentionBase, masked_attention, mean_visible,
-                                            window_layout)
+from layers.sparse_attention.common import SparseAttentionBase, masked_attention, mean_visible
+from pallas_kernels.block_sparse_attention import masks
 from pallas_kernels.block_sparse_attention.api import block_sparse_attention
 from pallas_kernels.block_sparse_attention.layout import from_topk
 from train.sparse_attention_config import NSAConfig
@@ -145,7 +145,7 @@ class NSA(SparseAttentionBase):
             layout = from_topk(blocks, block_q=1, block_k=cfg.block_size, q_len=t, kv_len=t, causal=True)
             o_slc, _ = block_sparse_attention(q, k, v, layout, segment_ids=segment_ids,
                                               implementation=rt.sparse_attention_impl)
-            win = window_layout(cfg.window, t, rt.attention_block_q, rt.attention_block_k)
+            win = masks.causal_layout(t, cfg.window, rt.attention_block_q, rt.attention_block_k)
             o_win, _ = block_sparse_attention(q, k, v, win, segment_ids=segment_ids,
                                               implementation=rt.sparse_attention_impl)
         else:

@@ -74,8 +74,9 @@ def check(q, k, v, layout, segment_ids, kv_segment_ids, *, score, sigmoid_bias, 
     if score == "softmax" and sigmoid_bias != 0:
         raise ValueError(f"sigmoid_bias={sigmoid_bias} is only used with score='sigmoid'")
     if logit_softcap is not None and not (isinstance(logit_softcap, numbers.Real)
-                                          and logit_softcap > 0):
-        raise ValueError(f"logit_softcap must be None or a float > 0, got {logit_softcap!r}")
+                                          and 0 < logit_softcap < math.inf):
+        raise ValueError(f"logit_softcap must be None or a finite float > 0, got "
+                         f"{logit_softcap!r}")
     if sinks is not None:
         if score == "sigmoid":
             raise ValueError("sinks only exist for score='softmax' (a sink joins the softmax "

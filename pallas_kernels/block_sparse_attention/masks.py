@@ -15,9 +15,12 @@ each distinct partial pattern (splash attention's MaskInfo, in CSR form).
 Per head: `PerHead([...])` (e.g. `SlidingWindow.per_head([64, 64, 256, 4096])`) gives each query
 head its own mask (Hl = H). Per layer: a layer builds its own layout from its own mask (say a
 local layer's `SlidingWindow(512)` next to a global layer's `Causal()`); layouts are plain
-values, built once at start-up and passed to the op, so nothing here is shared between layers.
+values, built once per shape and passed to the op (`causal_layout` caches the causal and
+window ones that the attention mixers ask for at every trace).
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -475,3 +478,12 @@ def transpose_np(kv_blocks: np.ndarray, kv_counts: np.ndarray, kv_mask_ids: np.n
     q_blocks, q_ids = _pad_lists(q_blocks.reshape(bl, hl, nk, sq), q_ids.reshape(bl, hl, nk, sq),
                                  q_counts)
     return q_blocks, q_counts, q_ids
+
+
+@functools.lru_cache(maxsize=64)
+def causal_layout(length: int, window: int | None, block_q: int, block_k: int) -> BlockLayout:
+    """The layout of `Causal()` (window None) or `SlidingWindow(window)` for self-attention over
+    `length` tokens, blocks shrunk to the length when it is shorter. Cached: the layers of a
+    model ask for the same one at every trace."""
+    mask = Causal() if window is None else SlidingWindow(window)
+    return build_layout(mask, length, length, min(block_q, length), min(block_k, length))
