@@ -2,7 +2,7 @@
 
     python benchmarks/block_sparse.py [--impls xla] [--runs 3] [--dtype float32]
         [--density-t 4096] [--lengths 1024,2048,4096,8192,16384] [--block 64]
-        [--shape 1x4x64] [--window 512] [--topk 8]
+        [--shape 1x4x64] [--window 512] [--topk 8] [--token-lengths 512,1024,2048,4096]
 
 Table 1 (density): one T, the same shape, layouts listing all, 1/4, 1/8 and 1/16 of the
 (query block, key block) pairs: every query block keeps the same number of key blocks, chosen at
@@ -13,6 +13,8 @@ the all-blocks layout of the same implementation (the dense blocked path); the C
 Table 2 (length): T doubling at fixed work per query: a sliding window of --window keys
 (host-built layout) and a causal top-k of --topk blocks per query block chosen at random on
 device (`layout.from_topk`, the MoBA/NSA path). The CPU target is time x2.3 at most per doubling.
+A third layout, `token top-k` (--token-lengths), is the routing the `moba` and `nsa` mixers
+actually use: block_q = 1, one list of top-k key blocks per query token and head.
 `blocks` is the number of listed (query block, key block) pairs, which grows a little faster than
 T while T is within a few windows (early query blocks list fewer); `f+b us/block` is the
 forward+backward time per listed block, flat when time follows the listed blocks.
@@ -83,6 +85,18 @@ def _topk_layout(t: int, block: int, topk: int, seed: int = 0):
                                 kv_len=t, causal=True)
 
 
+def _token_topk_layout(t: int, block: int, topk: int, heads: int, seed: int = 0):
+    """Token-granular causal top-k (block_q = 1, one list per token and head), as `moba` and
+    `nsa` route: token i keeps its own key block and topk - 1 random earlier ones."""
+    rng = np.random.default_rng(seed)
+    own = np.arange(t) // block
+    earlier = np.floor(rng.random((heads, t, topk - 1)) * own[None, :, None]).astype(np.int32)
+    picks = np.concatenate([np.broadcast_to(own[None, :, None], (heads, t, 1)),
+                            np.where(own[None, :, None] > 0, earlier, -1)], axis=-1)
+    return layout_lib.from_topk(jnp.asarray(picks[None], jnp.int32), block_q=1, block_k=block,
+                                q_len=t, kv_len=t, causal=True)
+
+
 def _time(impl: str, xs, lay, runs: int) -> tuple[float, float]:
     fwd, fwd_bwd = _functions(impl)
     q, k, v, w = xs
@@ -111,7 +125,7 @@ def density_table(impl: str, shape, t: int, block: int, dtype, runs: int) -> Non
 
 
 def length_table(impl: str, shape, lengths, block: int, window: int, topk: int, dtype,
-                 runs: int) -> None:
+                 runs: int, token_lengths=()) -> None:
     b, h, d = shape
     print(f"\n[{impl}] time vs T: B={b} H={h} D={d} block={block} (ms; 'x' = time / time at "
           f"T/2; target x <= 2.3)")
@@ -122,9 +136,12 @@ def length_table(impl: str, shape, lengths, block: int, window: int, topk: int, 
     kinds = {f"window {window}": lambda t: masks.build_layout(masks.SlidingWindow(window), t, t,
                                                                block, block),
              f"top-{topk}": lambda t: _topk_layout(t, block, topk)}
+    if token_lengths:
+        kinds[f"token top-{topk}"] = lambda t: _token_topk_layout(t, block, topk, h)
     for name, make in kinds.items():
         prev = first = None
-        for t in lengths:
+        sweep = token_lengths if name.startswith("token") else lengths
+        for t in sweep:
             lay = make(t)
             f, fb = _time(impl, _inputs(b, t, h, d, dtype), lay, runs)
             blocks = int(np.asarray(lay.kv_counts).sum())  # listed (query block, key block) pairs
@@ -134,7 +151,7 @@ def length_table(impl: str, shape, lengths, block: int, window: int, topk: int, 
             print(f"{name:>12} {t:>6} | {f:9.1f} | {fb:9.1f} | {rat} | {fb * 1e3 / blocks:12.1f}")
             prev = (f, fb, blocks)
             first = first or prev
-        doublings = math.log2(lengths[-1] / lengths[0])
+        doublings = math.log2(sweep[-1] / sweep[0])
         if doublings > 0:
             per = [(prev[i] / first[i]) ** (1 / doublings) for i in range(3)]
             print(f"{name:>12} {'mean':>6} | per doubling (geometric): fwd x{per[0]:.2f}, "
@@ -152,12 +169,15 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--token-lengths", default="512,1024,2048,4096",
+                        help="T of the token-granular top-k rows (block_q = 1); empty: none")
     parser.add_argument("--tables", default="density,length")
     args = parser.parse_args()
     shape = tuple(int(x) for x in args.shape.split("x"))
     if len(shape) != 3:
         parser.error(f"--shape must be BxHxD, got {args.shape!r}")
     lengths = [int(t) for t in args.lengths.split(",")]
+    token_lengths = [int(t) for t in args.token_lengths.split(",") if t]
     for t in [args.density_t, *lengths]:
         if t % args.block:
             parser.error(f"lengths must be multiples of --block, got T={t}, block={args.block}")
@@ -169,7 +189,7 @@ def main() -> None:
             density_table(impl, shape, args.density_t, args.block, dtype, args.runs)
         if "length" in args.tables:
             length_table(impl, shape, lengths, args.block, args.window, args.topk, dtype,
-                         args.runs)
+                         args.runs, token_lengths)
 
 
 if __name__ == "__main__":
