@@ -29,7 +29,42 @@ from layers.sharding import constrain
 from pallas_kernels.attention.api import attention
 from pallas_kernels.block_sparse_attention import masks
 from pallas_kernels.block_sparse_attention.api import block_sparse_attention
-from train.config import AttentionConfig
+from train.config import AttentionConfig, HeadsConfig
+
+
+HEADS = ("batch", "seq", "act_heads", None)  # sharding of [B, T, heads, D] activations
+
+
+def init_head_projections(m: nnx.Module, cfg: HeadsConfig, ctx: LayerContext, rngs: nnx.Rngs) -> None:
+    """Give the mixer `m` what every softmax-attention mixer (attention, moba, nsa) has: heads,
+    kv_heads, head_dim, q/k/v/o projections and, with cfg.qk_norm, the q/k RMSNorms (as attributes
+    of `m`, so parameter names stay q_proj, k_proj, ... wherever they are used)."""
+    m.heads, m.kv_heads = cfg.num_heads, cfg.kv_heads
+    m.head_dim = hd = cfg.dim_per_head(ctx.d_model)
+    d = ctx.d_model
+    proj = dict(axes=("embed", "heads"), std=ctx.init_std, dtype=ctx.dtype, rngs=rngs)
+    m.q_proj = Dense(d, m.heads * hd, **proj)
+    m.k_proj = Dense(d, m.kv_heads * hd, **proj)
+    m.v_proj = Dense(d, m.kv_heads * hd, **proj)
+    m.o_proj = Dense(m.heads * hd, d, axes=("heads", "embed"), std=ctx.out_std, dtype=ctx.dtype, rngs=rngs)
+    if cfg.qk_norm:
+        m.q_norm = RMSNorm(hd, eps=ctx.norm_eps)
+        m.k_norm = RMSNorm(hd, eps=ctx.norm_eps)
+
+
+def project_heads(m: nnx.Module, x: jax.Array, positions: jax.Array, k: jax.Array | None = None):
+    """x [B, T, d] -> q [B, T, H, D], k, v [B, T, K, D], normed (qk_norm) and rotated (RoPE at
+    `positions`) as attention sees them. k: the projected keys [B, T, K*D] when the caller
+    transformed them (e.g. MoBA's key convolution); None projects x."""
+    b, t, _ = x.shape
+    hd, cfg = m.head_dim, m.cfg
+    k = m.k_proj(x) if k is None else k
+    q = constrain(m.q_proj(x).reshape(b, t, m.heads, hd), HEADS)
+    k = constrain(k.reshape(b, t, m.kv_heads, hd), HEADS)
+    v = constrain(m.v_proj(x).reshape(b, t, m.kv_heads, hd), HEADS)
+    if cfg.qk_norm:
+        q, k = m.q_norm(q), m.k_norm(k)
+    return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta), v
 
 
 @register_mixer(AttentionConfig)
@@ -37,30 +72,13 @@ class Attention(nnx.Module):
     def __init__(self, cfg: AttentionConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.runtime = ctx.runtime
-        self.heads, self.kv_heads = cfg.num_heads, cfg.kv_heads
-        self.head_dim = cfg.dim_per_head(ctx.d_model)
-        d, hd = ctx.d_model, self.head_dim
-        proj = dict(axes=("embed", "heads"), std=ctx.init_std, dtype=ctx.dtype, rngs=rngs)
-        self.q_proj = Dense(d, self.heads * hd, **proj)
-        self.k_proj = Dense(d, self.kv_heads * hd, **proj)
-        self.v_proj = Dense(d, self.kv_heads * hd, **proj)
-        self.o_proj = Dense(self.heads * hd, d, axes=("heads", "embed"), std=ctx.out_std, dtype=ctx.dtype, rngs=rngs)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, eps=ctx.norm_eps)
-            self.k_norm = RMSNorm(hd, eps=ctx.norm_eps)
+        init_head_projections(self, cfg, ctx, rngs)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array, cache=None):
         """x [B, T, d]; positions, segment_ids [B, T] int32 -> (y [B, T, d], cache)."""
         b, t, _ = x.shape
         cfg, hd = self.cfg, self.head_dim
-        heads = ("batch", "seq", "act_heads", None)
-        q = constrain(self.q_proj(x).reshape(b, t, self.heads, hd), heads)
-        k = constrain(self.k_proj(x).reshape(b, t, self.kv_heads, hd), heads)
-        v = constrain(self.v_proj(x).reshape(b, t, self.kv_heads, hd), heads)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, cfg.rope_theta)
-        k = apply_rope(k, positions, cfg.rope_theta)
+        q, k, v = project_heads(self, x, positions)
         rt = self.runtime
         block_sparse = rt.attention_impl == "block_sparse"
         kw = dict(window=cfg.window, logit_softcap=cfg.logit_softcap,

@@ -20,15 +20,11 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from layers.attention import init_head_projections, project_heads
 from layers.kv_cache import init_kv_cache
-from layers.linear import Dense
-from layers.norm import RMSNorm
 from layers.registry import LayerContext
-from layers.rope import apply_rope
-from layers.sharding import constrain
 
 F32 = jnp.float32
-HEADS = ("batch", "seq", "act_heads", None)
 
 
 def mean_visible(length: int, fn) -> float:
@@ -42,18 +38,7 @@ class SparseAttentionBase(nnx.Module):
     def __init__(self, cfg, ctx: LayerContext, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.runtime = ctx.runtime
-        self.heads, self.kv_heads = cfg.num_heads, cfg.kv_heads
-        self.head_dim = cfg.dim_per_head(ctx.d_model)
-        d, hd = ctx.d_model, self.head_dim
-        proj = dict(axes=("embed", "heads"), std=ctx.init_std, dtype=ctx.dtype, rngs=rngs)
-        self.q_proj = Dense(d, self.heads * hd, **proj)
-        self.k_proj = Dense(d, self.kv_heads * hd, **proj)
-        self.v_proj = Dense(d, self.kv_heads * hd, **proj)
-        self.o_proj = Dense(self.heads * hd, d, axes=("heads", "embed"), std=ctx.out_std, dtype=ctx.dtype,
-                            rngs=rngs)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, eps=ctx.norm_eps)
-            self.k_norm = RMSNorm(hd, eps=ctx.norm_eps)
+        init_head_projections(self, cfg, ctx, rngs)
 
     def key_transform(self, k: jax.Array, segment_ids: jax.Array, cache: dict | None):
         """Hook on the projected keys [B, T, K*D] before qk_norm / RoPE: (k, cache)."""
@@ -62,16 +47,8 @@ class SparseAttentionBase(nnx.Module):
     def project(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: dict | None = None):
         """x [B, T, d] -> (q [B, T, H, D], k, v [B, T, K, D], cache): normed and rotated as the
         attention sees them (the routing scores rotated q and k too, as MoBA's)."""
-        b, t, _ = x.shape
-        hd = self.head_dim
         k, cache = self.key_transform(self.k_proj(x), segment_ids, cache)
-        q = constrain(self.q_proj(x).reshape(b, t, self.heads, hd), HEADS)
-        k = constrain(k.reshape(b, t, self.kv_heads, hd), HEADS)
-        v = constrain(self.v_proj(x).reshape(b, t, self.kv_heads, hd), HEADS)
-        if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, self.cfg.rope_theta)
-        k = apply_rope(k, positions, self.cfg.rope_theta)
+        q, k, v = project_heads(self, x, positions, k)
         return q, k, v, cache
 
     def output(self, o: jax.Array) -> jax.Array:
