@@ -41,8 +41,9 @@ Computation: the compressed branch is dense masked jnp over the [B, H, T, T / bs
 scores, because selection needs those probabilities anyway (fla avoids materialising them with
 an online top-k inside its kernel; we have no such kernel), so the branch costs that one
 [T, T / bs] matmul pair it had to compute: 1/bs of dense attention. The selected branch runs on
-`pallas_kernels.block_sparse_attention` with `from_topk(blocks, block_q=1, block_k=bs)`, the
-group's choice replicated to its heads; the window branch on the same op with a host-built
+`pallas_kernels.block_sparse_attention` with `from_topk(blocks, block_q=1, block_k=bs)` built
+with one list per KV group (Hl = K: the group's query heads share it, and the xla path gathers
+each key tile once per group); the window branch on the same op with a host-built
 `masks.SlidingWindow` layout (blocks runtime.attention_block_q x attention_block_k).
 
 NSA selection at decode time. The cache is a full-length KV cache (common.py), slot j holding
@@ -131,7 +132,7 @@ class NSA(SparseAttentionBase):
         blocks = routing.nsa_select(p_cmp, q_idx, doc_start, num_kv_heads=self.kv_heads,
                                     num_blocks=-(-length // cfg.block_size), block_size=cfg.block_size,
                                     num_selected=cfg.num_selected)
-        return o_cmp, jnp.repeat(blocks, h // self.kv_heads, axis=1)  # the group's choice, per head
+        return o_cmp, blocks  # [B, K, T, n]: one choice per GQA group, a layout with Hl = K
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array, cache=None):
         """x [B, T, d]; positions, segment_ids [B, T] int32 -> (y [B, T, d], cache)."""
@@ -153,7 +154,8 @@ class NSA(SparseAttentionBase):
             o_cmp, blocks = self.branches(q, k_all, v_all, seg_all, segment_ids, q_idx)
             length = k_all.shape[1]
             same = routing.same_document(segment_ids, seg_all)[:, None]  # [B, 1, Tq, S]
-            slc = routing.selected_mask(blocks, q_idx, length, cfg.block_size) & same
+            slc = routing.selected_mask(blocks, q_idx, length, cfg.block_size)  # [B, K, Tq, S]
+            slc = jnp.repeat(slc, self.heads // self.kv_heads, axis=1) & same
             o_slc = masked_attention(q, k_all, v_all, slc)
             o_win = masked_attention(q, k_all, v_all, routing.window_mask(q_idx, length, cfg.window) & same)
         o = sum(gates[..., i, None] * o_n.astype(F32) for i, o_n in enumerate((o_cmp, o_slc, o_win)))

@@ -54,8 +54,10 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Blo
         (float32, bfloat16 or float16). H % K == 0 and query head h reads kv head h // (H // K)
         (GQA / MQA without repeating k, v).
       layout: the block lists (masks.build_layout on the host, layout.from_topk on device),
-        built for q_len = Tq, kv_len = Tk; rows 1 or B, heads 1 or H. Its arrays may be numpy
-        (closed over / constants) or jax arrays (e.g. a pytree argument of a jitted function).
+        built for q_len = Tq, kv_len = Tk; rows 1 or B; heads 1, K (one list per kv head, which
+        its query heads share) or H (the Pallas implementations take 1 or H). Its arrays may be
+        numpy (closed over / constants) or jax arrays (e.g. a pytree argument of a jitted
+        function).
       segment_ids: int [B, Tq], 0 = padding (sees and is seen by nothing), or None (all one
         document). kv_segment_ids: int [B, Tk], or None to reuse segment_ids (needs Tq == Tk).
       score: "softmax", or "sigmoid": weights sigmoid(s + sigmoid_bias) per visible pair, no

@@ -54,7 +54,7 @@ def check(q, k, v, layout, segment_ids, kv_segment_ids, *, score, sigmoid_bias, 
         raise ValueError(f"v {v.shape} must be [B, Tk, K, Dv] with k's B, Tk, K = "
                          f"{tuple(k.shape[:3])}")
     # Shapes and dtypes of the lists (and their values, for numpy layouts): layout.py's check.
-    validate(layout, batch=b, heads=h, q_len=tq, kv_len=tk)
+    validate(layout, batch=b, heads=h, q_len=tq, kv_len=tk, kv_heads=k.shape[2])
     for name, ids, t in (("segment_ids", segment_ids, tq), ("kv_segment_ids", kv_segment_ids, tk)):
         if ids is not None and (tuple(ids.shape) != (b, t)
                                 or not jnp.issubdtype(ids.dtype, jnp.integer)):

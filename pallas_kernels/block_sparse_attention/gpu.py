@@ -114,6 +114,10 @@ def block_sparse_attention(q, k, v, layout, q_seg, kv_seg, sinks, *, score: str,
     for what it cannot serve (see the module docstring)."""
     pw.check_triton_supported(q, v, interpret, HEAD_DIMS)
     bq, bk = layout.block_q, layout.block_k
+    if layout.heads not in (1, q.shape[2]):
+        raise NotImplementedError(
+            f"a layout with one list per kv head (Hl = {layout.heads}) is not served by the Triton "
+            f"kernels: they take Hl = 1 or H = {q.shape[2]}")
     if not (_is_block(bq) and _is_block(bk)):
         raise NotImplementedError(
             f"block_q={bq}, block_k={bk} not supported: Triton kernels need powers of two >= 16")

@@ -14,8 +14,9 @@ Layouts come from two places: `masks.build_layout` evaluates a mask description 
 (numpy arrays; static masks: causal, windows, documents...), and `from_topk` turns data-dependent
 block choices (MoBA / NSA routing) into a layout on device, under jit.
 
-Dimension letters: Bl in {1, B} rows of layouts (1: shared by every batch row), Hl in {1, H}
-(1: shared by every query head), nq / nk query / key blocks, S / Sq most listed blocks per query /
+Dimension letters: Bl in {1, B} rows of layouts (1: shared by every batch row), Hl in {1, K, H}
+(1: shared by every query head; K: one list per kv head, shared by its GQA group of H / K query
+heads; H: one per query head), nq / nk query / key blocks, S / Sq most listed blocks per query /
 key block, P distinct partial patterns, bq / bk block sizes.
 """
 from __future__ import annotations
@@ -160,9 +161,10 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def validate(layout: BlockLayout, *, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+def validate(layout: BlockLayout, *, batch: int, heads: int, q_len: int, kv_len: int,
+             kv_heads: int | None = None) -> None:
     """Raises ValueError naming the field when `layout` cannot serve q [batch, q_len, heads, .]
-    against keys of length kv_len. Checks shapes and dtypes (works on traced layouts); the values
+    against keys [batch, kv_len, kv_heads, .] (kv_heads None: heads). Checks shapes and dtypes (works on traced layouts); the values
     (counts in 0..S, blocks in 0..nk-1, mask ids in -1..P-1) are checked only for numpy arrays,
     so that a device-built layout never forces a transfer."""
     if not isinstance(layout, BlockLayout):
@@ -188,9 +190,10 @@ def validate(layout: BlockLayout, *, batch: int, heads: int, q_len: int, kv_len:
     bl, hl = kvb[:2]
     if bl not in (1, batch):
         raise ValueError(f"layout.kv_blocks has {bl} rows (Bl); must be 1 or the batch {batch}")
-    if hl not in (1, heads):
-        raise ValueError(f"layout.kv_blocks has {hl} heads (Hl); must be 1 or the query heads "
-                         f"{heads}")
+    kv_heads = heads if kv_heads is None else kv_heads
+    if hl not in (1, kv_heads, heads):
+        raise ValueError(f"layout.kv_blocks has {hl} heads (Hl); must be 1 (shared), the kv heads "
+                         f"{kv_heads} (one list per GQA group) or the query heads {heads}")
     sq = shapes["q_blocks"][3] if len(shapes["q_blocks"]) == 4 else 0
     expected = {"kv_counts": (bl, hl, nq), "kv_mask_ids": kvb,
                 "q_blocks": (bl, hl, nk, max(sq, 1)), "q_counts": (bl, hl, nk),

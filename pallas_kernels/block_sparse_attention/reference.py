@@ -36,6 +36,8 @@ def block_sparse_attention(q, k, v, layout, q_seg, kv_seg, sinks, *, score: str,
     s = scale * jnp.einsum("bqhd,bkhd->bhqk", q.astype(F32), kh)
     s = common.softcap(s, logit_softcap)
     vis = visibility(layout, q_seg, kv_seg)  # broadcasts over H when Hl == 1
+    if vis.shape[1] not in (1, h):  # Hl = K: kv head j's lists serve its query heads
+        vis = jnp.repeat(vis, h // vis.shape[1], axis=1)
     if score == "sigmoid":
         p = jnp.where(vis, jax.nn.sigmoid(s + sigmoid_bias), 0.0)
         o = jnp.einsum("bhqk,bkhd->bqhd", p, vh)

@@ -104,6 +104,9 @@ def _vmem_estimate(bq: int, bk: int, d: int, dv: int, itemsize: int) -> int:
 def shape_refusal(q, k, v, layout) -> str | None:
     """Shape part of `refusal` (independent of the platform); see the module docstring."""
     bq, bk = layout.block_q, layout.block_k
+    if layout.heads not in (1, q.shape[2]):
+        return (f"a layout with one list per kv head (Hl = {layout.heads}) is not served by the "
+                f"Mosaic kernels: they take Hl = 1 or H = {q.shape[2]}")
     for name, blk in (("block_q", bq), ("block_k", bk)):
         if blk % LANES:
             return (f"{name}={blk} not supported by the Mosaic kernels: block sizes must be "

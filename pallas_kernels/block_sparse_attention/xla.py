@@ -18,11 +18,12 @@ smallest working set whose loop overhead (~25 us per iteration on XLA:CPU) stays
 bq = bk = 64, D = 64, H = 4 it gives ng = 2, and fwd / fwd+bwd time per listed block is then
 the same for causal and windowed layouts (measured at T = 2048).
 
-GQA: the kv heads are never repeated in memory. With a layout shared by every head (Hl = 1)
-the G = H // K query heads of a kv head are stacked as rows of one matmul (R = G * bq rows per
-query block), so a key tile is gathered once per kv head. With per-head lists (Hl = H) each
-query head gathers its own tiles from its kv head (a gather, not a copy of k).
-Lanes: L = K (Hl = 1) or H (Hl = H); `Gl` heads per kv head are lanes, `Gr` are rows
+GQA: the kv heads are never repeated in memory. With a layout shared by every head (Hl = 1) or
+one list per kv head (Hl = K, e.g. NSA's selection shared by a GQA group) the G = H // K query
+heads of a kv head are stacked as rows of one matmul (R = G * bq rows per query block), so a key
+tile is gathered once per kv head. With per-head lists (Hl = H > K) each query head gathers its
+own tiles from its kv head (a gather, not a copy of k).
+Lanes: L = K (Hl = 1 or K) or H (Hl = H); `Gl` heads per kv head are lanes, `Gr` are rows
 (Gl * Gr = G): query head k * G + gl * Gr + g is lane k * Gl + gl, rows g * bq + t.
 
 Backward (custom_vjp): the same walk, group by group and slot by slot, recomputing p from the
@@ -88,7 +89,9 @@ def block_sparse_attention(q, k, v, layout, q_seg, kv_seg, sinks, *, score: str,
     b, tq, h, d = q.shape
     kv_heads, dv = k.shape[2], v.shape[3]
     g = h // kv_heads
-    per_head = layout.heads == h and h > 1
+    # Hl = K (one list per kv head) shares a kv head's lists among its G query heads, as Hl = 1
+    # does, so both stack the G heads as rows; only Hl = H (> K) needs one lane per query head.
+    per_head = layout.heads not in (1, kv_heads)
     gl, gr = (g, 1) if per_head else (1, g)
     bq, bk = layout.block_q, layout.block_k
     nq, nk = layout.num_q_blocks, layout.num_kv_blocks
@@ -191,7 +194,7 @@ def _dot(a, b, contract: tuple[int, int]):
 
 
 def _lane_index(cfg: _Static, x):
-    """[Bl, Hl, ng] (Hl = 1 or L) -> [B, K, Gl * ng]: a slot's block index per lane, laid out
+    """[Bl, Hl, ng] (Hl = 1 or L: K with shared rows, H with per-head lanes) -> [B, K, Gl * ng]: a slot's block index per lane, laid out
     for a gather from [B, K, nk, ...] (lane k * Gl + gl reads kv head k)."""
     lanes = cfg.kv_heads * cfg.gl
     x = jnp.broadcast_to(x, (cfg.batch, lanes, x.shape[-1]))

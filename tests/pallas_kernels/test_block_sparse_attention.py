@@ -99,6 +99,9 @@ CASES = [
          sinks=True, dtype="bfloat16"),
     Case("token_routing_bq1_perhead_random_empty_rows",
          lambda seg, h: random_mask(1, h, 40, 40), tq=40, block_q=1, segments=False),
+    # One list per kv head (Hl = K = 2 of H = 4): a GQA group shares its lists (NSA's selection).
+    Case("token_routing_bq1_per_kv_head_windows", lambda seg, h: masks.PerHead(
+        [masks.SlidingWindow(6), masks.SlidingWindow(20)]), tq=40, block_q=1, block_k=8),
     # slow tier: the rest of the matrix.
     Case("cross_full_tq_ne_tk", lambda seg, h: masks.Full(), tq=30, tk=53, dv=32, sinks=True),
     Case("bf16_causal_gqa", lambda seg, h: masks.Causal(), tq=70, dtype="bfloat16"),
@@ -126,7 +129,7 @@ CASES = [
     Case("tpu_blocks_128_causal", lambda seg, h: masks.Causal(), tq=140, heads=2, kv_heads=1,
          d=128, dv=128, block_q=128, block_k=128, sinks=True),
 ]
-DEFAULT = {c.name for c in CASES[:5]}
+DEFAULT = {c.name for c in CASES[:6]}
 PALLAS_DEFAULT = {"gpu": "window_packed_ragged_gqa_sinks", "tpu": "tpu_blocks_128_causal"}
 CASE = {c.name: c for c in CASES}
 
@@ -156,7 +159,10 @@ def make(case: Case, seed: int = 0):
         kv_seg = rng.integers(0, 3, size=(b, tk)).astype(np.int32)
     mask = case.mask(seg, h)
     layout = masks.build_layout(mask, tq, tk, case.block_q, case.block_k)
-    vis = np.broadcast_to(mask(np.arange(tq)[:, None], np.arange(tk)[None, :]), (b, h, tq, tk))
+    vis = mask(np.arange(tq)[:, None], np.arange(tk)[None, :])  # [Bm, Hm, Tq, Tk]
+    if vis.shape[1] not in (1, h):  # one mask per kv head: its query heads share it
+        vis = np.repeat(vis, h // vis.shape[1], axis=1)
+    vis = np.broadcast_to(vis, (b, h, tq, tk))
     sq = np.ones((b, tq), np.int32) if seg is None else seg
     sk = sq if kv_seg is None else kv_seg
     vis = vis & (sq[:, None, :, None] == sk[:, None, None, :]) & (sq != 0)[:, None, :, None]

@@ -302,6 +302,10 @@ def test_refusals():
         call(q[..., :8].repeat(3, -1), k[..., :8].repeat(3, -1), v, lay, interpret=True)
     with pytest.raises(NotImplementedError, match="head dims"):
         call(q, k, v[..., :8], lay, interpret=True)
+    # One list per kv head (Hl = K = 2 of H = 4): xla serves it, the Triton kernels do not.
+    per_kv = masks.build_layout(masks.PerHead([masks.Causal()] * 2), 32, 32, 16, 16)
+    with pytest.raises(NotImplementedError, match="one list per kv head"):
+        call(q, k, v, per_kv, interpret=True)
     # Named explicitly through the api without interpret on CPU: the refusal propagates.
     with pytest.raises(NotImplementedError, match="GPU backend"):
         api.block_sparse_attention(q, k, v, lay, segment_ids=q_seg, implementation="gpu")
