@@ -1,0 +1,199 @@
+"""Test-time memory in chunk-parallel form, pure JAX, for any XLA backend.
+
+Per (batch row, head) and chunk of C = b tokens, every gradient of the chunk is taken at the
+same anchor, so the per-token gradients u_i are computed in parallel. Momentum and decay are
+then linear recurrences with per-token coefficients; unrolled over the chunk, with
+lam_t = 1 - alpha_t and everything counted from the chunk entry (or from the token's document
+start, where W0 and zero momentum replace the carried state):
+
+    S_s = P_s S_0 - sum_{i<=s} (P_s / P_i) theta_i u_i,            P_s = prod_{j<=s} eta_j
+    M_t = L_t M_0 + f_t S_0 - sum_{i<=t} G_{t,i} theta_i u_i,      L_t = prod_{j<=t} lam_j
+    f_t = sum_{s<=t} Adec_{t,s} P_s,   G = Adec @ Bmom,   Adec_{t,s} = valid_s L_t / L_s,
+    Bmom_{s,i} = P_s / P_i
+
+(padding has theta = 0, lam = eta = 1, and valid_s = 0 because a padding step must not add the
+momentum S_s to M).
+
+plain GD: G = Adec, f = 0 (Titans Eq 16, and the f / G matrices of fla's naive Titans).
+All ratios are exponentials of segment sums of log gates taken inside the chunk (exponents
+<= 0, no cumsum differences, so a gate of 0 gives -inf and exp 0, never inf - inf).
+
+Linear memory, M(x) = readout(x, x W): the gradient of any bias is an outer product,
+u_i = k_i e_i^T with e_i = dl/dz at z_i = k_i A (the bias's derivative in closed form,
+common.bias_grad, through the readout's residual / LayerNorm by a vjp), so the dual form reads
+without materialising any per-token W:
+
+    z_t = L_t q_t M_0 + f_t q_t S_0 - sum_{i<=t} G_{t,i} theta_i (q_t . k_i) e_i,   o_t = readout(q_t, z_t)
+
+MLP memory: the per-token gradients are `jax.vmap(jax.grad(l))` at the anchor and the
+per-token weights W_t of the chunk ARE materialised ([C, ...] per layer, per row and head,
+inside the scan body only) to read o_t = M(q_t; W_t). The dual form of a deep memory (TTT-MLP's
+chain rule through each layer) is future work; until then this path costs C times the
+memory's size per (row, head) in activations.
+
+A `lax.scan` over chunks carries (M, S) in float32; its body is rematerialised
+(`jax.checkpoint`), so the backward pass stores one state per chunk, never per token.
+Dimension letters as in common.py; working layout chunk-major [n, B, H, C, ...].
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.neural_memory import common
+
+F32 = common.F32
+
+
+def neural_memory(spec: common.MemorySpec, q, k, v, theta, alpha=None, eta=None, delta=None, *,
+                  initial_weights, initial_state=None, segment_ids=None, dual: bool | None = None):
+    """Same contract as `reference.neural_memory`. dual: use the linear memory's dual form
+    (default for arch "linear"); False materialises per-token weights (the only path for "mlp",
+    and a check of the dual form)."""
+    common.check(spec, q, k, v, theta, alpha, eta, delta, initial_weights, initial_state,
+                 segment_ids)
+    dual = spec.arch == "linear" if dual is None else dual
+    if dual and spec.arch != "linear":
+        raise ValueError("dual=True needs arch 'linear' (the MLP dual form is future work)")
+    b, t, h, _ = q.shape
+    c = spec.chunk_size
+    tp = -(-t // c) * c
+    n = tp // c
+
+    if segment_ids is None:
+        valid, doc = jnp.ones((b, t), bool), jnp.zeros((b, t), jnp.int32)
+    else:
+        valid = segment_ids != 0
+        doc = jnp.cumsum(common.resets(segment_ids).astype(jnp.int32), axis=1)
+    # Padding tokens become identity steps: theta = 0 (no write), log(1 - alpha) = 0 (no
+    # decay), log(eta) = 0 (momentum kept), and delta = 1 (any finite threshold).
+    gate = lambda x, off: jnp.where(valid[..., None], x.astype(F32), off)
+    theta_ = gate(theta, 0.0)
+    log_lam = gate(jnp.log1p(-alpha.astype(F32)), 0.0) if spec.decay else jnp.zeros((b, t, h), F32)
+    log_eta = gate(jnp.log(eta.astype(F32)), 0.0) if spec.momentum else jnp.zeros((b, t, h), F32)
+    delta_ = jnp.zeros((b, t, h), F32) if delta is None else gate(delta, 1.0)
+
+    # Pad T to whole chunks with padding tokens (identity steps) in the last token's document.
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+    doc = jnp.pad(doc, [(0, 0), (0, tp - t)], mode="edge")
+
+    def chunks(x):  # [B, Tp, H, ...] -> [n, B, H, C, ...]
+        x = pad(x).reshape(b, n, c, h, *x.shape[3:])
+        return jnp.moveaxis(jnp.moveaxis(x, 3, 2), 1, 0)
+
+    qc, kc, vc = (chunks(x.astype(F32)) for x in (q, k, v))
+    th, ll, le, dl = (chunks(x) for x in (theta_, log_lam, log_eta, delta_))  # [n, B, H, C]
+
+    # Document masks per chunk: same[i, j] (j <= i, same document); reach[t] (the carried
+    # state reaches t: no document starts between the chunk entry and t).
+    docc = jnp.moveaxis(doc.reshape(b, n, c), 1, 0)[:, :, None]  # [n, B, 1, C]
+    entry = jnp.concatenate([jnp.zeros((1, b), jnp.int32), docc[:-1, :, 0, -1]])[:, :, None, None]
+    reach = docc == entry  # [n, B, 1, C]
+    tril = jnp.tril(jnp.ones((c, c), bool))
+    same = (docc[..., :, None] == docc[..., None, :]) & tril  # [n, B, 1, C, C]
+
+    # L_t / L_s, with the columns of padding tokens zeroed: a padding step adds no momentum
+    # to M (in the sums over s below), while its gates leave every product unchanged.
+    validc = chunks(jnp.broadcast_to(valid[..., None], (b, t, h)))  # [n, B, H, C]
+    adec = jnp.exp(segsum(ll, same)) * validc[..., None, :]  # [n, B, H, C, C]
+    lam_in = jnp.exp(jnp.sum(jnp.where(same, ll[..., None, :], 0.0), -1))  # [n, B, H, C], L_t
+    if spec.momentum:
+        bmom = jnp.exp(segsum(le, same))  # P_s / P_i
+        p_in = jnp.exp(jnp.sum(jnp.where(same, le[..., None, :], 0.0), -1)) * reach  # P_s
+        gmat = jnp.einsum("...ts,...si->...ti", adec, bmom)
+        f = jnp.einsum("...ts,...s->...t", adec, p_in)
+    else:
+        bmom = p_in = f = None
+        gmat = adec
+    coefs = dict(q=qc, k=kc, v=vc, theta=th, delta=dl, reach=jnp.broadcast_to(reach, th.shape),
+                 lam_in=lam_in, g=gmat, f=f, bmom=bmom, p_in=p_in)
+
+    w0 = tuple(x.astype(F32) for x in initial_weights)
+    state = common.start_state(spec, initial_weights, initial_state, b)
+    body = _dual_chunk if dual else _materialized_chunk
+    step = jax.checkpoint(lambda carry, xs: body(spec, w0, carry, xs))
+    final, o = lax.scan(step, state, coefs)  # o [n, B, H, C, V]
+    o = jnp.moveaxis(o, 0, 1)  # [B, n, H, C, V]
+    o = jnp.moveaxis(o, 2, 3).reshape(b, tp, h, -1)[:, :t]
+    return jnp.where(valid[..., None, None], o, 0.0).astype(q.dtype), final
+
+
+def segsum(x: jax.Array, same: jax.Array) -> jax.Array:
+    """x [..., C] (log gates), same [..., C, C] -> [..., C, C]: sum_{s < j <= t} x_j at [t, s]
+    where `same` (s <= t in one document), else -inf. Each entry sums only its own terms
+    (masked cumsum, as Mamba2's stable segsum): no difference of two cumsums, so -inf gates
+    stay -inf and nothing cancels."""
+    c = x.shape[-1]
+    strict = jnp.tril(jnp.ones((c, c), bool), -1)  # [t, s]: s < t
+    terms = jnp.where(strict, x[..., :, None], 0.0)  # [t, s] = x_t for t > s
+    return jnp.where(same, jnp.cumsum(terms, axis=-2), -jnp.inf)
+
+
+def _scale(c, x):
+    """c [B, H, C] times x [B, H, C, ...]."""
+    return c.reshape(c.shape + (1,) * (x.ndim - c.ndim)) * x
+
+
+def _dual_chunk(spec, w0, state, xs):
+    """One chunk of the linear memory in dual form: (M_0, S_0) [B, H, K, V] -> o [B, H, C, V]."""
+    (m0,), s = state.weights, state.momentum
+    q, k, v, th, reach, lam = xs["q"], xs["k"], xs["v"], xs["theta"], xs["reach"], xs["lam_in"]
+    w = w0[0]  # [H, K, V]
+    r = reach[..., None]
+    z_anchor = jnp.where(r, jnp.einsum("bhck,bhkv->bhcv", k, m0), jnp.einsum("bhck,hkv->bhcv", k, w))
+    if spec.gradient_at == "decayed":
+        z_anchor = _scale(lam, z_anchor)
+    pred, vjp = jax.vjp(lambda z: common.readout(spec, k, z), z_anchor)
+    (e,) = vjp(common.bias_grad(spec, pred, v, xs["delta"]))  # dl/dz [B, H, C, V]
+    te = _scale(th, e)
+
+    q_anchor = jnp.where(r, jnp.einsum("bhck,bhkv->bhcv", q, m0), jnp.einsum("bhck,hkv->bhcv", q, w))
+    if spec.read == "after_write":
+        qk = jnp.einsum("bhtk,bhik->bhti", q, k)
+        z = _scale(lam, q_anchor) - jnp.einsum("bhti,bhiv->bhtv", xs["g"] * qk, te)
+        if spec.momentum:
+            z = z + _scale(xs["f"], jnp.einsum("bhck,bhkv->bhcv", q, s[0]))
+    else:
+        z = q_anchor
+    o = common.readout(spec, q, z)
+
+    # The state after the chunk's last token (padded tail tokens are identity steps).
+    m_entry = jnp.where(reach[..., -1, None, None], m0, w)
+    m_end = (lam[..., -1, None, None] * m_entry
+             - jnp.einsum("bhi,bhik,bhiv->bhkv", xs["g"][..., -1, :], k, te))
+    if spec.momentum:
+        m_end = m_end + xs["f"][..., -1, None, None] * s[0]
+        s_end = (xs["p_in"][..., -1, None, None] * s[0]
+                 - jnp.einsum("bhi,bhik,bhiv->bhkv", xs["bmom"][..., -1, :], k, te))
+        s = (s_end,)
+    return common.MemoryState((m_end,), s), o
+
+
+def _materialized_chunk(spec, w0, state, xs):
+    """One chunk of any memory by per-token gradients (`vmap(grad)`) and per-token weights
+    W_t [B, H, C, ...]: (M_0, S_0) -> o [B, H, C, V]."""
+    th, reach, lam = xs["theta"], xs["reach"], xs["lam_in"]
+    anchor = tuple(jnp.where(reach.reshape(reach.shape + (1, 1)), m[:, :, None], w[:, None])
+                   for m, w in zip(state.weights, w0))  # [B, H, C, d_in, d_out]
+    point = anchor if spec.gradient_at == "undecayed" else tuple(_scale(lam, a) for a in anchor)
+    grad = jax.grad(lambda wt, kt, vt, dt: common.token_loss(spec, wt, kt, vt, dt))
+    u = jax.vmap(jax.vmap(jax.vmap(grad)))(point, xs["k"], xs["v"], xs["delta"])
+    tu = tuple(_scale(th, x) for x in u)
+
+    def written(coef, tree):  # sum_i coef[.., t, i] tu_i -> [B, H, C, ...]
+        return tuple(jnp.einsum("bhti,bhi...->bht...", coef, x) for x in tree)
+
+    wt = tuple(_scale(lam, a) - d for a, d in zip(anchor, written(xs["g"], tu)))
+    if spec.momentum:
+        wt = tuple(x + _scale(xs["f"], s[:, :, None]) for x, s in zip(wt, state.momentum))
+    read = jax.vmap(jax.vmap(jax.vmap(lambda w_, x: common.apply(spec, w_, x))))
+    o = read(wt if spec.read == "after_write" else anchor, xs["q"])
+
+    m_end = tuple(x[:, :, -1] for x in wt)
+    s_end = ()
+    if spec.momentum:
+        last = lambda x: x[..., -1:, :]
+        s_end = tuple(xs["p_in"][..., -1, None, None] * s - d[:, :, 0]
+                      for s, d in zip(state.momentum, written(last(xs["bmom"]), tu)))
+    return common.MemoryState(m_end, s_end), o
