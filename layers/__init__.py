@@ -2,3 +2,4 @@
 from layers import attention  # noqa: F401
 from layers import linear_attention  # noqa: F401
 from layers import sparse_attention  # noqa: F401
+from layers import memory  # noqa: F401

@@ -20,6 +20,7 @@ from layers import registry
 from train.config import AttentionConfig, ModelConfig, RuntimeConfig
 from train.linear_attention_config import (DeltaNetConfig, GDNConfig, GLAConfig, HGRN2Config, LightningConfig,
                                            LinearAttnConfig, MLSTMConfig, RetentionConfig, SSDConfig)
+from train.memory_config import MemoryConfig
 from train.sparse_attention_config import MoBAConfig, NSAConfig
 
 VOCAB, T, PREFILL = 64, 19, 7
@@ -58,6 +59,10 @@ CASES = {
     "attention_family": _VARIANTS,
     "linear_attention_family": _LINEAR,
     "sparse_attention_family": _SPARSE,
+    "memory": ModelConfig(  # Titans memory (chunk 4: ragged chunks) in a scanned period + remainder
+        vocab_size=VOCAB, d_model=32, num_layers=3, pattern=("memory", "attn"),
+        mixers={"memory": MemoryConfig(num_heads=2, chunk_size=4, expansion=2, max_lr=1.0),
+                "attn": AttentionConfig(num_heads=2)}),
 }
 SLOW_CASES = {
     "attention_family_unscanned_untied_mha": dataclasses.replace(
