@@ -25,9 +25,9 @@ Per token (id s, t = pos):
 
 The cache starts from zeros, never from W0 (a scanned stack builds one cache for all layers):
 every row's first non-padding token follows a segment id of 0, so it resets M to W0 before use,
-as the op's first token starts from W0. This module would shrink to a call of the reference's
-step if reference.py exposed its scan body as a function of (state, token); it does not, so the
-lines are repeated here and tests/layers/test_memory_mixer.py checks them against the op.
+as the op's first token starts from W0. The equations are reference.py's `token_step` itself
+(the reference's scan body); this module only keeps the grid position and the last segment id
+that the parallel form reads from the token's index.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.neural_memory import common
+from pallas_kernels.neural_memory import common, reference
 
 F32 = jnp.float32
 
@@ -57,56 +57,25 @@ def init_cache(spec: common.MemorySpec, batch: int, heads: int, dk: int, dv: int
                        jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
 
 
-def _scale(c, x):
-    """c [B, H] times x [B, H, ...]."""
-    return c.reshape(c.shape + (1,) * (x.ndim - 2)) * x
-
-
-def _where(c, x, y):
-    """c [B] or [B, H] selects between the pytrees x and y of [B, H, ...] leaves."""
-    return jax.tree.map(lambda a, z: jnp.where(c.reshape(c.shape + (1,) * (a.ndim - c.ndim)), a, z), x, y)
-
-
 def step(spec: common.MemorySpec, w0: tuple, cache: MemoryCache, q, k, v, theta, alpha, eta, delta,
          segment) -> tuple[jax.Array, MemoryCache]:
     """One token per row: q, k [B, H, K], v [B, H, V], gates [B, H] (None where `spec` has no
     use for them), segment int [B]; w0 tuple of [H, d_in, d_out] -> (o [B, H, V] float32,
-    the cache after the token)."""
+    the cache after the token). The equations are the op's definition
+    (pallas_kernels/neural_memory/reference.py `token_step`); the cache adds what the parallel
+    form knows from the token's index: the chunk grid position and the previous segment id."""
     b, h = theta.shape
     zeros = jnp.zeros((b, h), F32)
-    al = zeros if alpha is None else alpha.astype(F32)
-    et = zeros if eta is None else eta.astype(F32)
-    de = zeros if delta is None else delta.astype(F32)
-    th = theta.astype(F32)
-    q, k, v = (x.astype(F32) for x in (q, k, v))
+    gates = [zeros if g is None else g.astype(F32) for g in (theta, alpha, eta, delta)]
     segment = segment.astype(jnp.int32)
     valid = segment != 0
     reset = (segment != cache.segment) & valid
     start = cache.pos % spec.chunk_size == 0
-
-    m = _where(reset, tuple(jnp.broadcast_to(x.astype(F32), y.shape) for x, y in zip(w0, cache.weights)),
-               cache.weights)
-    s = _where(reset, jax.tree.map(jnp.zeros_like, cache.momentum), cache.momentum)
-    new = reset | start
-    anchor = _where(new, m, cache.anchor)
-    lam = jnp.where(new[:, None], 1.0, cache.lam)
-
-    lam_t = lam * (1.0 - al)
-    point = anchor if spec.gradient_at == "undecayed" else tuple(_scale(lam_t, a) for a in anchor)
-    grad = jax.grad(lambda w, k_, v_, d_: common.token_loss(spec, w, k_, v_, d_))
-    u = jax.vmap(jax.vmap(grad))(point, k, v, de)
-    if spec.momentum:
-        s_new = tuple(_scale(et, x) - _scale(th, g) for x, g in zip(s, u))
-        upd = s_new
-    else:
-        s_new, upd = s, tuple(-_scale(th, g) for g in u)
-    m_new = tuple(_scale(1.0 - al, x) + d for x, d in zip(m, upd))
-    read = jax.vmap(jax.vmap(lambda w, x: common.apply(spec, w, x)))
-    o = read(m_new if spec.read == "after_write" else anchor, q)
-
-    out = MemoryCache(weights=_where(valid, m_new, m), momentum=_where(valid, s_new, s), anchor=anchor,
-                      lam=jnp.where(valid[:, None], lam_t, lam), pos=cache.pos + 1, segment=segment)
-    return jnp.where(valid[:, None, None], o, 0.0), out
+    o, m, s, anchor, lam = reference.token_step(
+        spec, w0, cache.weights, cache.momentum, cache.anchor, cache.lam,
+        *(x.astype(F32) for x in (q, k, v)), *gates, valid, reset, start)
+    return o, MemoryCache(weights=m, momentum=s, anchor=anchor, lam=lam, pos=cache.pos + 1,
+                          segment=segment)
 
 
 def scan(spec: common.MemorySpec, w0: tuple, cache: MemoryCache, q, k, v, theta, alpha, eta, delta,

@@ -51,39 +51,12 @@ def neural_memory(spec: common.MemorySpec, q, k, v, theta, alpha=None, eta=None,
     w0 = tuple(x.astype(F32) for x in initial_weights)  # [H, d_in, d_out]
     state = common.start_state(spec, initial_weights, initial_state, b)
 
-    # d l / d weights for every (row, head): weights [B, H, ...], k [B, H, K], v [B, H, V],
-    # delta [B, H].
-    grad = jax.grad(lambda w, k_, v_, d_: common.token_loss(spec, w, k_, v_, d_))
-    grad = jax.vmap(jax.vmap(grad))
-    read = jax.vmap(jax.vmap(lambda w, x: common.apply(spec, w, x)))
-
-    def where(c, x, y):  # c [B] or [B, H] over leaves [B, H, ...]
-        return jax.tree.map(lambda a, z: jnp.where(c.reshape(c.shape + (1,) * (a.ndim - c.ndim)), a, z),
-                            x, y)
-
     def scan_step(carry, xs):
         (m, s), anchor, lam = carry
         q_t, k_t, v_t, th, al, et, de, valid_t, reset_t, start_t = xs
-        m = where(reset_t, tuple(jnp.broadcast_to(x, y.shape) for x, y in zip(w0, m)), m)
-        s = where(reset_t, jax.tree.map(jnp.zeros_like, s), s)
-        new = reset_t | start_t
-        anchor = where(new, m, anchor)
-        lam = jnp.where(new[:, None], 1.0, lam)
-
-        lam_t = lam * (1.0 - al)
-        point = anchor if spec.gradient_at == "undecayed" else tuple(scale(lam_t, a) for a in anchor)
-        u = grad(point, k_t, v_t, de)
-        if spec.momentum:
-            s_new = tuple(scale(et, x) - scale(th, g) for x, g in zip(s, u))
-            step = s_new
-        else:
-            s_new, step = s, tuple(-scale(th, g) for g in u)
-        m_new = tuple(scale(1.0 - al, x) + d for x, d in zip(m, step))
-
-        o_t = read(m_new if spec.read == "after_write" else anchor, q_t)
-        m, s = where(valid_t, m_new, m), where(valid_t, s_new, s)
-        lam = jnp.where(valid_t[:, None], lam_t, lam)
-        return ((m, s), anchor, lam), jnp.where(valid_t[:, None, None], o_t, 0.0)
+        o_t, m, s, anchor, lam = token_step(spec, w0, m, s, anchor, lam, q_t, k_t, v_t, th, al,
+                                            et, de, valid_t, reset_t, start_t)
+        return ((m, s), anchor, lam), o_t
 
     time_major = lambda x: jnp.moveaxis(x, 1, 0)
     xs = tuple(map(time_major, (q.astype(F32), k.astype(F32), v.astype(F32), theta.astype(F32),
@@ -91,6 +64,47 @@ def neural_memory(spec: common.MemorySpec, q, k, v, theta, alpha=None, eta=None,
     carry = ((state.weights, state.momentum), state.weights, jnp.ones((b, h), F32))
     ((m, s), _, _), o = jax.lax.scan(scan_step, carry, xs)
     return time_major(o).astype(q.dtype), common.MemoryState(m, s)
+
+
+def token_step(spec: common.MemorySpec, w0: tuple, m, s, anchor, lam, q, k, v, theta, alpha, eta,
+               delta, valid, reset, start):
+    """One token of every row, the definition shared with decode (layers/memory/decode.py).
+
+    m, s, anchor: weights, momentum and the chunk's anchor, tuples of float32 [B, H, d_in, d_out];
+    lam [B, H]: product of (1 - alpha) over the chunk so far; q, k [B, H, K], v [B, H, V] and
+    theta, alpha, eta, delta [B, H] float32 (zeros for gates `spec` does not use); valid (not
+    padding), reset (a document starts here), start (a chunk starts here) bool [B]; w0 tuple of
+    [H, d_in, d_out]. Returns (o [B, H, V] float32, zero at padding, m, s, anchor, lam after it).
+    """
+    m = _where(reset, tuple(jnp.broadcast_to(x.astype(F32), y.shape) for x, y in zip(w0, m)), m)
+    s = _where(reset, jax.tree.map(jnp.zeros_like, s), s)
+    new = reset | start
+    anchor = _where(new, m, anchor)
+    lam = jnp.where(new[:, None], 1.0, lam)
+
+    lam_t = lam * (1.0 - alpha)
+    point = anchor if spec.gradient_at == "undecayed" else tuple(scale(lam_t, a) for a in anchor)
+    # d l / d weights for every (row, head): weights [B, H, ...], k [B, H, K], v [B, H, V].
+    grad = jax.grad(lambda w, k_, v_, d_: common.token_loss(spec, w, k_, v_, d_))
+    u = jax.vmap(jax.vmap(grad))(point, k, v, delta)
+    if spec.momentum:
+        s_new = tuple(scale(eta, x) - scale(theta, g) for x, g in zip(s, u))
+        step = s_new
+    else:
+        s_new, step = s, tuple(-scale(theta, g) for g in u)
+    m_new = tuple(scale(1.0 - alpha, x) + d for x, d in zip(m, step))
+
+    read = jax.vmap(jax.vmap(lambda w, x: common.apply(spec, w, x)))
+    o = read(m_new if spec.read == "after_write" else anchor, q)
+    m, s = _where(valid, m_new, m), _where(valid, s_new, s)
+    lam = jnp.where(valid[:, None], lam_t, lam)
+    return jnp.where(valid[:, None, None], o, 0.0), m, s, anchor, lam
+
+
+def _where(c, x, y):
+    """c [B] or [B, H] selects between the pytrees x and y of [B, H, ...] leaves."""
+    return jax.tree.map(lambda a, z: jnp.where(c.reshape(c.shape + (1,) * (a.ndim - c.ndim)), a, z),
+                        x, y)
 
 
 def scale(c, x):
