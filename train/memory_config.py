@@ -11,9 +11,10 @@ gradient anchor b = 16, read after write); `spec()` builds it and `check` turns 
 into ConfigErrors naming the field. The equations and the gate parametrisation live in
 layers/memory/mixer.py.
 
-Gate granularity: the op takes theta / alpha / eta per token and head only, so
-`gate_granularity` accepts "token" alone (Titans' choice; per-chunk gates, Titans' faster
-option, and Miras' channel-wise gates are future work).
+The three knobs that change the function besides the memory itself are explicit fields:
+`chunk_size` (the gradient anchor b), `gate_granularity` ("token": theta / alpha / eta per token
+and head, Titans' experiments; "chunk": each chunk uses its first token's gates) and `read`
+("after_write" or "chunk_lagged"). Miras' channel-wise gates are future work.
 
 Imported at the bottom of train/config.py, so the kind exists wherever `Config` does.
 """
@@ -28,7 +29,7 @@ __all__ = ["MemoryConfig", "SPEC_FIELDS"]
 
 # MemoryConfig fields that are MemorySpec fields (same names and meaning).
 SPEC_FIELDS = ("arch", "depth", "expansion", "activation", "residual", "layernorm", "bias", "p", "eps",
-               "retention", "algorithm", "gradient_at", "chunk_size", "read")
+               "retention", "q", "gate_granularity", "algorithm", "gradient_at", "chunk_size", "read")
 
 
 @register_mixer_config
@@ -38,7 +39,8 @@ class MemoryConfig(MixerConfig):
 
     num_heads, head_dim: H memories of key = value width head_dim (None: d_model // num_heads).
     arch ... read: the memory (MemorySpec; see pallas_kernels/neural_memory/common.py).
-    gate_granularity: "token" (one theta, alpha, eta per token and head; the only one the op has).
+    gate_granularity: "token" (one theta, alpha, eta per token and head) or "chunk" (the chunk's
+      first token's, for the whole chunk).
     max_lr: theta_t = max_lr * sigmoid(.) (the inner learning rate's bound; 0.01 as
       titans-pytorch's default_step_transform_max_lr). It must be small: inside a chunk every
       gradient is taken at the same anchor, so a chunk of b repeated keys moves the memory by
@@ -66,12 +68,13 @@ class MemoryConfig(MixerConfig):
     bias: Literal["dot", "l2", "lp", "huber"] = "l2"
     p: float = 3.0
     eps: float = 1e-6
-    retention: str = "decay"  # "none" | "decay" (MemorySpec names the ones that are future work)
+    retention: str = "decay"  # "none" | "decay" | "lq_norm" | "kl_softmax" (MemorySpec checks it)
+    q: float = 4.0
     algorithm: Literal["gd", "gd_momentum"] = "gd_momentum"
     gradient_at: Literal["undecayed", "decayed"] = "undecayed"
     chunk_size: int = 16
     read: Literal["after_write", "chunk_lagged"] = "after_write"
-    gate_granularity: Literal["token"] = "token"
+    gate_granularity: Literal["token", "chunk"] = "token"
     max_lr: float = 0.01
     max_decay: float = 0.999
     min_momentum: float = 1e-3

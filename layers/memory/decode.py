@@ -13,6 +13,8 @@ grid it is and what the anchor was. The state (`MemoryCache`, per row; leaves fl
     lam       [B, H], prod (1 - alpha_j) over the chunk's tokens so far (gradient_at "decayed")
     pos       int32 [B], tokens of the row seen so far (padding included: the grid counts them)
     segment   int32 [B], segment id of the last token seen (0 before any)
+    gates     [3, B, H], theta, alpha, eta of the token that set the anchor (gate_granularity
+              "chunk" uses them for the whole chunk; zeros otherwise)
 
 Per token (id s, t = pos):
     if s != segment and s != 0:        M = W0, S = 0           (a new document; also the first
@@ -27,7 +29,8 @@ The cache starts from zeros, never from W0 (a scanned stack builds one cache for
 every row's first non-padding token follows a segment id of 0, so it resets M to W0 before use,
 as the op's first token starts from W0. The equations are reference.py's `token_step` itself
 (the reference's scan body); this module only keeps the grid position and the last segment id
-that the parallel form reads from the token's index.
+that the parallel form reads from the token's index. `prefill` runs the whole chunks of a
+multi-token call through the chunk-parallel op when the cache sits on the grid.
 """
 from __future__ import annotations
 
@@ -48,13 +51,15 @@ class MemoryCache(NamedTuple):
     lam: jax.Array
     pos: jax.Array
     segment: jax.Array
+    gates: jax.Array
 
 
 def init_cache(spec: common.MemorySpec, batch: int, heads: int, dk: int, dv: int) -> MemoryCache:
     """An empty cache (zeros; the first real token loads W0, see the module docstring)."""
     w = tuple(jnp.zeros((batch, heads, *s), F32) for s in common.layer_shapes(spec, dk, dv))
     return MemoryCache(w, w if spec.momentum else (), w, jnp.ones((batch, heads), F32),
-                       jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
+                       jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32),
+                       jnp.zeros((3, batch, heads), F32))
 
 
 def step(spec: common.MemorySpec, w0: tuple, cache: MemoryCache, q, k, v, theta, alpha, eta, delta,
@@ -71,11 +76,15 @@ def step(spec: common.MemorySpec, w0: tuple, cache: MemoryCache, q, k, v, theta,
     valid = segment != 0
     reset = (segment != cache.segment) & valid
     start = cache.pos % spec.chunk_size == 0
+    held = jnp.stack(gates[:3])
+    if spec.gate_granularity == "chunk":  # the anchor token's gates (common.hold_gates)
+        held = jnp.where((reset | start)[None, :, None], held, cache.gates)
+        gates = [*held, gates[3]]
     o, m, s, anchor, lam = reference.token_step(
         spec, w0, cache.weights, cache.momentum, cache.anchor, cache.lam,
         *(x.astype(F32) for x in (q, k, v)), *gates, valid, reset, start)
     return o, MemoryCache(weights=m, momentum=s, anchor=anchor, lam=lam, pos=cache.pos + 1,
-                          segment=segment)
+                          segment=segment, gates=held)
 
 
 def scan(spec: common.MemorySpec, w0: tuple, cache: MemoryCache, q, k, v, theta, alpha, eta, delta,
@@ -90,3 +99,37 @@ def scan(spec: common.MemorySpec, w0: tuple, cache: MemoryCache, q, k, v, theta,
 
     cache, o = jax.lax.scan(body, cache, tuple(map(tm, (q, k, v, theta, alpha, eta, delta, segment_ids))))
     return jnp.moveaxis(o, 0, 1), cache
+
+
+def prefill(spec: common.MemorySpec, w0: tuple, cache: MemoryCache, q, k, v, theta, alpha, eta,
+            delta, segment_ids, *, parallel) -> tuple[jax.Array, MemoryCache]:
+    """Any number of tokens from a cache, as `scan`, but chunk-parallel where that is exact:
+    when every row's cache sits on the chunk grid (pos % b == 0, e.g. a fresh cache), the
+    whole chunks in front go through `parallel` (the op: `neural_memory(spec, q, k, v, gates...,
+    initial_weights, initial_state, segment_ids)`, started from the cache's state, or from W0
+    for rows whose first token starts a new document) and only the last T mod b tokens are
+    stepped. After whole chunks the next token starts a chunk, so the anchor, lam and held
+    gates are reset by it and need not be recovered. Otherwise (a row off the grid) all T
+    tokens are stepped. The choice is a `lax.cond`; both branches equal `scan` (tests).
+    Shapes as `scan`."""
+    t = q.shape[1]
+    whole = t - t % spec.chunk_size
+    args = (q, k, v, theta, alpha, eta, delta)
+    stepped = lambda c: scan(spec, w0, c, *args, segment_ids)
+    if whole == 0 or t == 1:
+        return stepped(cache)
+    part = lambda x, sl: None if x is None else x[:, sl]
+
+    def chunked(c):
+        head, tail = slice(0, whole), slice(whole, t)
+        new_doc = (segment_ids[:, 0] != c.segment) & (segment_ids[:, 0] != 0)
+        fresh = common.start_state(spec, w0, None, q.shape[0])
+        start = reference.select_rows(new_doc, fresh, common.MemoryState(c.weights, c.momentum))
+        o_head, state = parallel(spec, *(part(x, head) for x in args), initial_weights=w0,
+                                 initial_state=start, segment_ids=segment_ids[:, head])
+        c = c._replace(weights=state.weights, momentum=state.momentum, pos=c.pos + whole,
+                       segment=segment_ids[:, whole - 1].astype(jnp.int32))
+        o_tail, c = scan(spec, w0, c, *(part(x, tail) for x in args), segment_ids[:, tail])
+        return jnp.concatenate([o_head.astype(F32), o_tail], axis=1), c
+
+    return jax.lax.cond(jnp.all(cache.pos % spec.chunk_size == 0), chunked, stepped, cache)

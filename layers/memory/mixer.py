@@ -16,7 +16,10 @@ gradient anchor b and read mode are the MemorySpec in the config; the op
 (pallas_kernels/neural_memory) writes every token into M by one gradient step of the bias,
 taken at the chunk's anchor, with momentum and decay, and reads it. W0, the memory every
 document starts from, is outer-learned: one nnx.Param per memory layer [H, d_in, d_out]
-(N(0, 1 / d_in) by default, cfg.w0_std to fix it).
+(N(0, 1 / d_in) by default, cfg.w0_std to fix it). With the lq_norm / kl_softmax retentions it
+is the initial state (kl_softmax: logits), whose weights the op derives. With
+gate_granularity "chunk" the op holds each chunk's first-token theta / alpha / eta for the
+chunk (the decode cache holds them too).
 
 Paper-faithful (Titans sec. 3-4): q/k/v projections, short depthwise convs and SiLU, L2-normalised
 q/k, data-dependent per-token gates theta, alpha, eta of x_t, an outer-learned W0, a norm and a
@@ -33,16 +36,18 @@ Titans says only "a linear gate"); key and value heads have equal width (the res
 needs it).
 
 Decode cache (`init_cache`): the short conv's history plus `decode.MemoryCache` (weights,
-momentum, the chunk's anchor, the in-chunk decay product, the row position and the last segment
-id), so decoding takes exactly the gradient steps training took. Any call with a cache, a
-prefill included, runs the token-by-token step (layers/memory/decode.py) under one lax.scan:
-exact, but a long prefill costs T sequential steps (a chunked prefill needs the op to take and
-return the anchor and grid offset; see decode.py).
+momentum, the chunk's anchor, the in-chunk decay product, the row position, the last segment
+id and the held chunk gates), so decoding takes exactly the gradient steps training took. A
+call with a cache steps token by token (layers/memory/decode.py), except that a multi-token
+call starting on the chunk grid (a prefill into a fresh cache) runs its whole chunks through
+the chunk-parallel op and steps only the remainder (`decode.prefill`).
 
 The op runs with implementation=None (the best available: xla, then reference); describe()
 says so. Numerics: projections in the compute dtype; gates, q/k norms, memory and state float32.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -154,7 +159,8 @@ class NeuralMemory(nnx.Module):
             o, _ = neural_memory(self.spec, *args, initial_weights=self.initial_weights(),
                                  segment_ids=segment_ids, implementation=None)
             return self.readout(o, x), None
-        o, mem = decode.scan(self.spec, self.initial_weights(), cache["memory"], *args, segment_ids)
+        o, mem = decode.prefill(self.spec, self.initial_weights(), cache["memory"], *args, segment_ids,
+                                parallel=functools.partial(neural_memory, implementation=None))
         new_cache = {"memory": mem}
         if self.conv is not None:
             new_cache["conv"] = new_conv
@@ -173,8 +179,8 @@ class NeuralMemory(nnx.Module):
     def flops_per_token(cfg: MemoryConfig, d_model: int, seq_len: int) -> float:
         """Training FLOPs (3x forward): projections (q, k, v, gates, output gate, W_o), the conv,
         and per head a forward, a gradient and a read of the memory (~3 x 2 x its parameters)
-        plus writing it (2 x its parameters); norms and activations left out. The MLP memory's
-        per-token weights of the chunked form are not counted."""
+        plus writing it (2 x its parameters); norms and activations left out, and so is the
+        chunked form's in-chunk [C, C] work (the dual form's q.k products per layer)."""
         h = cfg.num_heads
         hd = cfg.dim_per_head(d_model)
         spec = cfg.spec()

@@ -9,8 +9,9 @@
 
 Implementations, chosen by `pallas_kernels.dispatch`:
   "reference"  token-by-token lax.scan with jax.grad of the bias (reference.py), the definition;
-  "xla"        chunk-parallel form: dual form for the linear memory, per-token gradients and
-               weights inside each chunk for the MLP memory, lax.scan over chunks (xla.py).
+  "xla"        chunk-parallel form, lax.scan over chunks (xla.py): the dual form (closed-form
+               per-layer gradients, no per-token weights) for linear and MLP memories; per-token
+               weights from vmap(grad) only for the lq_norm / kl_softmax retentions.
 No Pallas kernels yet. Order tried with implementation=None: xla, then reference.
 """
 from __future__ import annotations

@@ -11,6 +11,19 @@ gradient anchor A (the weights at the start of the token's chunk) and per-token 
     M_t = (1 - alpha_t) M_{t-1} + S_t             (retention "none": alpha_t = 0)
     o_t = M_t(q_t)  ("after_write")   or   A(q_t)  ("chunk_lagged")
 
+Retentions that constrain the weights (Miras sec. 5.3) keep the recurrence above on a state M and
+use the weights phi(M) wherever the memory is applied (gradient point and reads), per layer:
+
+    "lq_norm" (Moneta)     phi(M) = M / ||M||_q^(q-2)          (entrywise q-norm of the matrix)
+    "kl_softmax" (Memora)  phi(M) = sqrt(d_in) softmax(M) over d_in: M holds logits, and the
+                           gradient step on them is Memora's mirror step
+                           W_t = c softmax((1 - alpha_t) log W_{t-1} - theta_t u_t)
+                           (the log-normaliser of log W is a constant per column, which the
+                           softmax removes; c = sqrt(d_in) keeps x W of unit x at unit scale).
+
+The gradient u_t is taken with respect to the weights phi(M) and applied to M. "none" and
+"decay" have phi = identity, so M is the weights.
+
 lam_{A->t} is the product of (1 - alpha_j) over the tokens j of the chunk up to t (inclusive).
 With chunk_size b = 1, A = M_{t-1}: "decayed" is then exactly the gated delta rule's order
 (decay, then a gradient step on the decayed memory), "undecayed" is Titans' (gradient on the
@@ -40,9 +53,10 @@ LN_EPS = 1e-5  # eps of the memory's (parameter-free) LayerNorm
 ARCHS = ("linear", "mlp")
 ACTIVATIONS = ("gelu", "silu")
 BIASES = ("dot", "l2", "lp", "huber")
-RETENTIONS = ("none", "decay")
-RETENTIONS_LATER = ("lq_norm", "kl_softmax", "elastic_net")  # Miras retention gates, not yet
+RETENTIONS = ("none", "decay", "lq_norm", "kl_softmax")
+RETENTIONS_LATER = ("elastic_net",)  # Miras retention gates, not yet
 DECAY_GRANULARITIES = ("head",)
+GATE_GRANULARITIES = ("token", "chunk")
 ALGORITHMS = ("gd", "gd_momentum")
 GRADIENT_POINTS = ("undecayed", "decayed")
 READ_MODES = ("after_write", "chunk_lagged")
@@ -70,8 +84,15 @@ class MemorySpec:
                                                     token and head: 1/2 r^2 if |r| <= delta,
                                                     else delta (|r| - delta / 2))
     p, eps: exponent (>= 1) and smoothing (> 0) of the "lp" bias.
-    retention: "none" or "decay" (weight decay alpha_t per token; Titans Eqs 13-14).
+    retention: "none"; "decay" (weight decay alpha_t per token; Titans Eqs 13-14); "lq_norm"
+      (decay, and the weights phi(M) = M / ||M||_q^(q-2): Moneta); "kl_softmax" (decay on the
+      logits M, weights phi(M) = sqrt(d_in) softmax over d_in: Memora). See the module docstring.
+    q: exponent (>= 1) of the "lq_norm" retention (Moneta's shipped q = 4).
     decay_granularity: "head" (one alpha per token and head). Per-channel decay is future work.
+    gate_granularity: "token" (theta, alpha, eta as given, per token: Titans' experiments) or
+      "chunk" (each takes, for the whole chunk, its value at the chunk's first token, i.e. the
+      token that set the gradient anchor: Titans sec. 3.2's per-chunk option, made causal so
+      the after-write read of token t never depends on later tokens). delta stays per token.
     algorithm: "gd" or "gd_momentum" (eta_t per token and head; Titans Eq 10).
     gradient_at: "undecayed" (Titans: the gradient is taken on the anchor before the decays
       of the chunk) or "decayed" (the anchor times the chunk's decay up to and including the
@@ -92,7 +113,9 @@ class MemorySpec:
     p: float = 3.0
     eps: float = 1e-6
     retention: str = "decay"
+    q: float = 4.0
     decay_granularity: str = "head"
+    gate_granularity: str = "token"
     algorithm: str = "gd_momentum"
     gradient_at: str = "undecayed"
     chunk_size: int = 16
@@ -116,10 +139,13 @@ class MemorySpec:
             raise ValueError(f"retention {self.retention!r} is not implemented yet; accepted: "
                              f"{list(RETENTIONS)}")
         _choice("retention", self.retention, RETENTIONS)
+        if not self.q >= 1:
+            raise ValueError(f"q must be >= 1 (the l_q retention); got {self.q!r}")
         if self.decay_granularity == "channel":
             raise ValueError("decay_granularity 'channel' is not implemented yet; accepted: "
                              f"{list(DECAY_GRANULARITIES)}")
         _choice("decay_granularity", self.decay_granularity, DECAY_GRANULARITIES)
+        _choice("gate_granularity", self.gate_granularity, GATE_GRANULARITIES)
         _choice("algorithm", self.algorithm, ALGORITHMS)
         _choice("gradient_at", self.gradient_at, GRADIENT_POINTS)
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
@@ -128,7 +154,13 @@ class MemorySpec:
 
     @property
     def decay(self) -> bool:
-        return self.retention == "decay"
+        """Whether the op takes alpha (every retention but "none" decays M)."""
+        return self.retention != "none"
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the weights are a map phi(M) of the state (lq_norm, kl_softmax)."""
+        return self.retention in ("lq_norm", "kl_softmax")
 
     @property
     def momentum(self) -> bool:
@@ -141,8 +173,9 @@ def _choice(name: str, value, accepted) -> None:
 
 
 class MemoryState(NamedTuple):
-    """Memory weights and momentum, tuples of float32 arrays [B, H, d_in, d_out] (one per layer;
-    momentum is () for plain GD)."""
+    """Memory state M and momentum, tuples of float32 arrays [B, H, d_in, d_out] (one per layer;
+    momentum is () for plain GD). M is the weights, except with the lq_norm / kl_softmax
+    retentions, where the weights are `weights_of(spec, M)`."""
     weights: tuple
     momentum: tuple
 
@@ -165,10 +198,28 @@ def init_weights(spec: MemorySpec, key: jax.Array, heads: int, dk: int, dv: int,
                  for kk, shape in zip(keys, layer_shapes(spec, dk, dv)))
 
 
+def weights_of(spec: MemorySpec, state: tuple) -> tuple:
+    """The weights phi(M) of a memory state (module docstring), per layer; leaves [..., d_in,
+    d_out]. Identity unless the retention maps the state."""
+    if spec.retention == "lq_norm":
+        # ||M||_q^(q-2) = (sum |M|^q + eps)^((q-2)/q); the eps keeps M = 0 finite (and its grad).
+        norm = lambda m: (jnp.sum((m * m + spec.eps) ** (0.5 * spec.q), axis=(-2, -1),
+                                  keepdims=True)) ** ((spec.q - 2.0) / spec.q)
+        return tuple(m / norm(m) for m in state)
+    if spec.retention == "kl_softmax":
+        return tuple(m.shape[-2] ** 0.5 * jax.nn.softmax(m, axis=-2) for m in state)
+    return tuple(state)
+
+
+def activation(spec: MemorySpec):
+    """The MLP memory's activation between layers (exact GELU or SiLU)."""
+    return jax.nn.silu if spec.activation == "silu" else (lambda z: jax.nn.gelu(z, approximate=False))
+
+
 def hidden(spec: MemorySpec, weights: tuple, x: jax.Array) -> jax.Array:
     """f(x) before residual and norm, one head: weights tuple of [d_in, d_out], x [..., K] ->
     [..., V]."""
-    act = jax.nn.silu if spec.activation == "silu" else (lambda z: jax.nn.gelu(z, approximate=False))
+    act = activation(spec)
     z = x @ weights[0]
     for w in weights[1:]:
         z = act(z) @ w
@@ -202,21 +253,9 @@ def bias_loss(spec: MemorySpec, pred: jax.Array, v: jax.Array, delta: jax.Array 
     return jnp.sum(jnp.where(small, 0.5 * r * r, delta * (jnp.abs(r) - 0.5 * delta)))
 
 
-def bias_grad(spec: MemorySpec, pred: jax.Array, v: jax.Array, delta: jax.Array | None) -> jax.Array:
-    """d bias_loss / d pred in closed form, elementwise: pred, v [..., V], delta [...] or None."""
-    if spec.bias == "dot":
-        return -v
-    r = pred - v
-    if spec.bias == "l2":
-        return r
-    if spec.bias == "lp":
-        return r * (r * r + spec.eps) ** (0.5 * spec.p - 1.0)
-    d = delta[..., None]
-    return jnp.clip(r, -d, d)
-
-
 def token_loss(spec: MemorySpec, weights: tuple, k: jax.Array, v: jax.Array, delta) -> jax.Array:
-    """l(M; k, v) for one head and token: k [K], v [V] -> scalar."""
+    """l(W; k, v) for one head and token, of the weights W (not the state): k [K], v [V] ->
+    scalar."""
     return bias_loss(spec, apply(spec, weights, k), v, delta)
 
 
@@ -282,6 +321,29 @@ def resets(segment_ids: jax.Array) -> jax.Array:
     """bool [B, T]: token t starts a new document (memory reset to W0 before it)."""
     prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
     return (segment_ids != prev) & (segment_ids != 0)
+
+
+def anchor_tokens(spec: MemorySpec, t: int, segment_ids: jax.Array | None) -> jax.Array:
+    """int32 [B or 1, T]: the index of the token that set each token's gradient anchor, i.e. the
+    later of its chunk's first token (on the row's grid) and its document's first token."""
+    idx = jnp.arange(t, dtype=jnp.int32)[None]
+    grid = idx - idx % spec.chunk_size
+    if segment_ids is None:
+        return grid
+    doc_start = jax.lax.cummax(jnp.where(resets(segment_ids), idx, 0), axis=1)
+    return jnp.maximum(grid, doc_start)
+
+
+def hold_gates(spec: MemorySpec, gates: tuple, segment_ids: jax.Array | None) -> tuple:
+    """Gate granularity: gates (theta, alpha, eta; [B, T, H] or None) as given for "token"; for
+    "chunk", each token takes the value at its anchor token (`anchor_tokens`). A padding token
+    may take a padding token's value: it writes nothing either way."""
+    if spec.gate_granularity == "token":
+        return tuple(gates)
+    some = next(g for g in gates if g is not None)
+    src = jnp.broadcast_to(anchor_tokens(spec, some.shape[1], segment_ids), some.shape[:2])
+    return tuple(None if g is None else jnp.take_along_axis(g, src[..., None], axis=1)
+                 for g in gates)
 
 
 def start_state(spec: MemorySpec, initial_weights: tuple, initial_state: MemoryState | None,

@@ -5,10 +5,12 @@
     if token t is padding (segment 0):   o_t = 0, nothing changes
     else:
         lam = lam (1 - alpha_t)
-        u_t = jax.grad(l)(A or lam A; k_t, v_t)       (gradient_at "undecayed" / "decayed")
+        u_t = jax.grad(l)(phi(A or lam A); k_t, v_t)  (gradient_at "undecayed" / "decayed")
         S = eta_t S - theta_t u_t                      (plain GD: S = -theta_t u_t)
         M = (1 - alpha_t) M + S
-        o_t = M(q_t)  or  A(q_t)                       (read "after_write" / "chunk_lagged")
+        o_t = phi(M)(q_t)  or  phi(A)(q_t)             (read "after_write" / "chunk_lagged")
+
+(phi: common.weights_of, the identity but for the lq_norm / kl_softmax retentions.)
 
 One `lax.scan` step per token, float32, the gradient by `jax.grad` of the bias loss through
 the memory function (any architecture and bias), vmapped over batch rows and heads. Autodiff
@@ -38,6 +40,7 @@ def neural_memory(spec: common.MemorySpec, q, k, v, theta, alpha=None, eta=None,
     alpha = 1 or eta = 0 give -inf there (forward fine, gradient not finite)."""
     common.check(spec, q, k, v, theta, alpha, eta, delta, initial_weights, initial_state,
                  segment_ids)
+    theta, alpha, eta = common.hold_gates(spec, (theta, alpha, eta), segment_ids)
     b, t, h, _ = q.shape
     zeros = jnp.zeros((b, t, h), F32)
     alpha = zeros if alpha is None else alpha.astype(F32)
@@ -76,15 +79,16 @@ def token_step(spec: common.MemorySpec, w0: tuple, m, s, anchor, lam, q, k, v, t
     padding), reset (a document starts here), start (a chunk starts here) bool [B]; w0 tuple of
     [H, d_in, d_out]. Returns (o [B, H, V] float32, zero at padding, m, s, anchor, lam after it).
     """
-    m = _where(reset, tuple(jnp.broadcast_to(x.astype(F32), y.shape) for x, y in zip(w0, m)), m)
-    s = _where(reset, jax.tree.map(jnp.zeros_like, s), s)
+    m = select_rows(reset, tuple(jnp.broadcast_to(x.astype(F32), y.shape) for x, y in zip(w0, m)), m)
+    s = select_rows(reset, jax.tree.map(jnp.zeros_like, s), s)
     new = reset | start
-    anchor = _where(new, m, anchor)
+    anchor = select_rows(new, m, anchor)
     lam = jnp.where(new[:, None], 1.0, lam)
 
     lam_t = lam * (1.0 - alpha)
     point = anchor if spec.gradient_at == "undecayed" else tuple(scale(lam_t, a) for a in anchor)
     # d l / d weights for every (row, head): weights [B, H, ...], k [B, H, K], v [B, H, V].
+    point = common.weights_of(spec, point)
     grad = jax.grad(lambda w, k_, v_, d_: common.token_loss(spec, w, k_, v_, d_))
     u = jax.vmap(jax.vmap(grad))(point, k, v, delta)
     if spec.momentum:
@@ -95,13 +99,13 @@ def token_step(spec: common.MemorySpec, w0: tuple, m, s, anchor, lam, q, k, v, t
     m_new = tuple(scale(1.0 - alpha, x) + d for x, d in zip(m, step))
 
     read = jax.vmap(jax.vmap(lambda w, x: common.apply(spec, w, x)))
-    o = read(m_new if spec.read == "after_write" else anchor, q)
-    m, s = _where(valid, m_new, m), _where(valid, s_new, s)
+    o = read(common.weights_of(spec, m_new if spec.read == "after_write" else anchor), q)
+    m, s = select_rows(valid, m_new, m), select_rows(valid, s_new, s)
     lam = jnp.where(valid[:, None], lam_t, lam)
     return jnp.where(valid[:, None, None], o, 0.0), m, s, anchor, lam
 
 
-def _where(c, x, y):
+def select_rows(c, x, y):
     """c [B] or [B, H] selects between the pytrees x and y of [B, H, ...] leaves."""
     return jax.tree.map(lambda a, z: jnp.where(c.reshape(c.shape + (1,) * (a.ndim - c.ndim)), a, z),
                         x, y)

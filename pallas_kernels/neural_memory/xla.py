@@ -18,18 +18,24 @@ plain GD: G = Adec, f = 0 (Titans Eq 16, and the f / G matrices of fla's naive T
 All ratios are exponentials of segment sums of log gates taken inside the chunk (exponents
 <= 0, no cumsum differences, so a gate of 0 gives -inf and exp 0, never inf - inf).
 
-Linear memory, M(x) = readout(x, x W): the gradient of any bias is an outer product,
-u_i = k_i e_i^T with e_i = dl/dz at z_i = k_i A (the bias's derivative in closed form,
-common.bias_grad, through the readout's residual / LayerNorm by a vjp), so the dual form reads
-without materialising any per-token W:
+Dual form (every memory whose weights are its state, i.e. all retentions but lq_norm and
+kl_softmax): the gradient of any bias with respect to layer l of the memory is an outer product,
+u_i = a_i^T d_i, with a_i the layer's input and d_i = dl/dz_i the gradient at its output, both
+at the token's gradient point (TTT's observation for linear and MLP memories). So reading the
+chunk's per-token weights at input b_t of layer l needs no per-token W:
 
-    z_t = L_t q_t M_0 + f_t q_t S_0 - sum_{i<=t} G_{t,i} theta_i (q_t . k_i) e_i,   o_t = readout(q_t, z_t)
+    z_t = L_t b_t A + f_t b_t S_0 - sum_{i<=t} G_{t,i} theta_i (b_t . a_i) d_i,   b_{t+1} = act(z_t)
 
-MLP memory: the per-token gradients are `jax.vmap(jax.grad(l))` at the anchor and the
-per-token weights W_t of the chunk ARE materialised ([C, ...] per layer, per row and head,
-inside the scan body only) to read o_t = M(q_t; W_t). The dual form of a deep memory (TTT-MLP's
-chain rule through each layer) is future work; until then this path costs C times the
-memory's size per (row, head) in activations.
+layer by layer from b = q_t, and o_t = readout(q_t, z_t of the last layer). a_i and d_i come
+from one batched forward of the chunk's keys at the anchors and its vjp with respect to each
+layer's pre-activation, so the bias, activation, residual and LayerNorm need no hand-written
+derivative. Cost per chunk and layer: two [C, C] products, no [C, d_in, d_out] tensor.
+
+Materialised form (`dual=False`; the only one for lq_norm / kl_softmax, whose weights are a
+non-linear map of the state): per-token gradients by `jax.vmap(jax.grad(l))` at the anchor and
+the per-token states M_t of the chunk formed explicitly ([C, ...] per layer, per row and head,
+inside the scan body only), then o_t = M(q_t; phi(M_t)). It costs C times the memory's size
+per (row, head) in activations, and is the check of the dual form.
 
 A `lax.scan` over chunks carries (M, S) in float32; its body is rematerialised
 (`jax.checkpoint`), so the backward pass stores one state per chunk, never per token.
@@ -48,14 +54,17 @@ F32 = common.F32
 
 def neural_memory(spec: common.MemorySpec, q, k, v, theta, alpha=None, eta=None, delta=None, *,
                   initial_weights, initial_state=None, segment_ids=None, dual: bool | None = None):
-    """Same contract as `reference.neural_memory`. dual: use the linear memory's dual form
-    (default for arch "linear"); False materialises per-token weights (the only path for "mlp",
-    and a check of the dual form)."""
+    """Same contract as `reference.neural_memory`. dual: the dual form (the default where it
+    applies: every retention but lq_norm / kl_softmax, whose weights are a non-linear map of
+    the state); False materialises per-token weights by `vmap(grad)` (any memory; the check
+    of the dual form)."""
     common.check(spec, q, k, v, theta, alpha, eta, delta, initial_weights, initial_state,
                  segment_ids)
-    dual = spec.arch == "linear" if dual is None else dual
-    if dual and spec.arch != "linear":
-        raise ValueError("dual=True needs arch 'linear' (the MLP dual form is future work)")
+    theta, alpha, eta = common.hold_gates(spec, (theta, alpha, eta), segment_ids)
+    dual = not spec.mapped if dual is None else dual
+    if dual and spec.mapped:
+        raise ValueError(f"dual=True needs weights equal to the state; retention "
+                         f"{spec.retention!r} maps them (use dual=False or None)")
     b, t, h, _ = q.shape
     c = spec.chunk_size
     tp = -(-t // c) * c
@@ -136,38 +145,65 @@ def _scale(c, x):
 
 
 def _dual_chunk(spec, w0, state, xs):
-    """One chunk of the linear memory in dual form: (M_0, S_0) [B, H, K, V] -> o [B, H, C, V]."""
-    (m0,), s = state.weights, state.momentum
-    q, k, v, th, reach, lam = xs["q"], xs["k"], xs["v"], xs["theta"], xs["reach"], xs["lam_in"]
-    w = w0[0]  # [H, K, V]
-    r = reach[..., None]
-    z_anchor = jnp.where(r, jnp.einsum("bhck,bhkv->bhcv", k, m0), jnp.einsum("bhck,hkv->bhcv", k, w))
-    if spec.gradient_at == "decayed":
-        z_anchor = _scale(lam, z_anchor)
-    pred, vjp = jax.vjp(lambda z: common.readout(spec, k, z), z_anchor)
-    (e,) = vjp(common.bias_grad(spec, pred, v, xs["delta"]))  # dl/dz [B, H, C, V]
-    te = _scale(th, e)
+    """One chunk of a memory whose weights are its state (phi = identity), any depth, in dual
+    form: (M_0, S_0) -> o [B, H, C, V] without per-token weights.
 
-    q_anchor = jnp.where(r, jnp.einsum("bhck,bhkv->bhcv", q, m0), jnp.einsum("bhck,hkv->bhcv", q, w))
-    if spec.read == "after_write":
-        qk = jnp.einsum("bhtk,bhik->bhti", q, k)
-        z = _scale(lam, q_anchor) - jnp.einsum("bhti,bhiv->bhtv", xs["g"] * qk, te)
-        if spec.momentum:
-            z = z + _scale(xs["f"], jnp.einsum("bhck,bhkv->bhcv", q, s[0]))
-    else:
-        z = q_anchor
-    o = common.readout(spec, q, z)
+    Every layer's gradient is an outer product, u_i = a_i^T d_i (a_i the layer's input, d_i =
+    dl/dz_i its output's gradient, both at the token's gradient point), so reading layer l of
+    W_t = L_t A + f_t S_0 - sum_i G_{t,i} theta_i a_i^T d_i at input b_t is
+    L_t b_t A + f_t b_t S_0 - sum_i G_{t,i} theta_i (b_t . a_i) d_i: [C, C] matrices per layer.
+    a_i, d_i come from one batched forward at the anchors and its vjp w.r.t. each layer's
+    pre-activation (any bias, residual, LayerNorm, activation: autodiff does the chain rule)."""
+    q, k, v, th, reach, lam = xs["q"], xs["k"], xs["v"], xs["theta"], xs["reach"], xs["lam_in"]
+    r = reach[..., None]  # [B, H, C, 1]: the token's anchor is the carried state, else W0
+    act = common.activation(spec)
+    depth = len(w0)
+
+    def at_anchor(x, i):  # x [B, H, C, d_in] times each token's anchor of layer i
+        return jnp.where(r, jnp.einsum("bhci,bhio->bhco", x, state.weights[i]),
+                         jnp.einsum("bhci,hio->bhco", x, w0[i]))
+
+    def forward(eps):  # the memory of every token at its gradient point, eps added to each z
+        a, inputs = k, []
+        for i in range(depth):
+            inputs.append(a)
+            z = at_anchor(a, i)
+            if spec.gradient_at == "decayed":
+                z = _scale(lam, z)
+            a = z + eps[i]
+            if i < depth - 1:
+                a = act(a)
+        loss = common.bias_loss(spec, common.readout(spec, k, a), v, xs["delta"][..., None])
+        return loss, tuple(inputs)
+
+    zeros = tuple(jnp.zeros(k.shape[:3] + (w.shape[-1],), F32) for w in w0)
+    _, vjp, inputs = jax.vjp(forward, zeros, has_aux=True)
+    (d,) = vjp(jnp.ones((), F32))  # per layer dl/dz [B, H, C, d_out] (tokens are independent)
+    td = tuple(_scale(th, x) for x in d)
+
+    b_ = q
+    for i in range(depth):
+        z = at_anchor(b_, i)
+        if spec.read == "after_write":
+            z = _scale(lam, z) - jnp.einsum("bhti,bhiv->bhtv",
+                                            xs["g"] * jnp.einsum("bhtd,bhid->bhti", b_, inputs[i]), td[i])
+            if spec.momentum:
+                z = z + _scale(xs["f"], jnp.einsum("bhci,bhio->bhco", b_, state.momentum[i]))
+        b_ = act(z) if i < depth - 1 else z
+    o = common.readout(spec, q, b_)
 
     # The state after the chunk's last token (padded tail tokens are identity steps).
-    m_entry = jnp.where(reach[..., -1, None, None], m0, w)
-    m_end = (lam[..., -1, None, None] * m_entry
-             - jnp.einsum("bhi,bhik,bhiv->bhkv", xs["g"][..., -1, :], k, te))
-    if spec.momentum:
-        m_end = m_end + xs["f"][..., -1, None, None] * s[0]
-        s_end = (xs["p_in"][..., -1, None, None] * s[0]
-                 - jnp.einsum("bhi,bhik,bhiv->bhkv", xs["bmom"][..., -1, :], k, te))
-        s = (s_end,)
-    return common.MemoryState((m_end,), s), o
+    last = lambda coef, i: jnp.einsum("bhc,bhcd,bhco->bhdo", coef[..., -1, :], inputs[i], td[i])
+    m_end, s_end = [], []
+    for i in range(depth):
+        m_entry = jnp.where(reach[..., -1, None, None], state.weights[i], w0[i])
+        m = lam[..., -1, None, None] * m_entry - last(xs["g"], i)
+        if spec.momentum:
+            s0 = state.momentum[i]
+            m = m + xs["f"][..., -1, None, None] * s0
+            s_end.append(xs["p_in"][..., -1, None, None] * s0 - last(xs["bmom"], i))
+        m_end.append(m)
+    return common.MemoryState(tuple(m_end), tuple(s_end)), o
 
 
 def _materialized_chunk(spec, w0, state, xs):
@@ -177,6 +213,7 @@ def _materialized_chunk(spec, w0, state, xs):
     anchor = tuple(jnp.where(reach.reshape(reach.shape + (1, 1)), m[:, :, None], w[:, None])
                    for m, w in zip(state.weights, w0))  # [B, H, C, d_in, d_out]
     point = anchor if spec.gradient_at == "undecayed" else tuple(_scale(lam, a) for a in anchor)
+    point = common.weights_of(spec, point)
     grad = jax.grad(lambda wt, kt, vt, dt: common.token_loss(spec, wt, kt, vt, dt))
     u = jax.vmap(jax.vmap(jax.vmap(grad)))(point, xs["k"], xs["v"], xs["delta"])
     tu = tuple(_scale(th, x) for x in u)
@@ -188,7 +225,7 @@ def _materialized_chunk(spec, w0, state, xs):
     if spec.momentum:
         wt = tuple(x + _scale(xs["f"], s[:, :, None]) for x, s in zip(wt, state.momentum))
     read = jax.vmap(jax.vmap(jax.vmap(lambda w_, x: common.apply(spec, w_, x))))
-    o = read(wt if spec.read == "after_write" else anchor, xs["q"])
+    o = read(common.weights_of(spec, wt if spec.read == "after_write" else anchor), xs["q"])
 
     m_end = tuple(x[:, :, -1] for x in wt)
     s_end = ()
