@@ -4,6 +4,7 @@ from __future__ import annotations
 from flax import nnx
 
 import layers  # noqa: F401  (registers the mixers)
+import models.titans  # noqa: F401  (registers the Titans MAC / MAG / MAL mixers)
 from models.lm import LM, flops_per_token, lm_loss, resolve_dtype
 from train.config import ModelConfig, RuntimeConfig
 

@@ -8,7 +8,7 @@ from train.loop import run
 
 # The bigger presets (and the hybrids whose mixers other tests train) are the slow extras.
 SLOW = ("gpt125m", "gla_hybrid", "moba_hybrid", "nsa_hybrid", "titans_hybrid", "titans", "moneta", "yaad",
-        "memora", "ttt_linear", "ttt_mlp")
+        "memora", "ttt_linear", "ttt_mlp", "titans_mac", "titans_mag", "titans_mal")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n

@@ -565,3 +565,4 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 from train import linear_attention_config  # noqa: E402,F401  (registers the linear-attention mixer kinds)
 from train import sparse_attention_config  # noqa: E402,F401  (registers the sparse-attention mixer kinds)
 from train import memory_config  # noqa: E402,F401  (registers the test-time memory mixer kind)
+from train import titans_config  # noqa: E402,F401  (registers the Titans MAC / MAG / MAL kinds)

@@ -50,6 +50,9 @@ class MemoryConfig(MixerConfig):
     min_momentum: eta_t = min_momentum + (1 - min_momentum) sigmoid(.) > 0, so log(eta) is finite.
     lr_bias_init, decay_bias_init, momentum_bias_init: initial per-head biases of the three gate
       logits (theta = max_lr / 2, alpha = sigmoid(-4) = 0.018, eta = sigmoid(2) = 0.88 at start).
+      With `layernorm` and decay, start the decay lower (e.g. -7): a decay that shrinks M faster
+      than the writes restore it drives f(k)'s variance under the LayerNorm's eps, where its
+      second derivative explodes (the yaad preset's first gradient norm: 1.7e7 at -4, 6.5 at -7).
     w0_std: std of the initial memory weights W0; None: 1 / sqrt(d_in) per layer (LeCun normal,
       so an MLP memory starts with non-vanishing gradients; TTT's 0.02 relies on its residual).
     conv_size: short depthwise causal conv (+ SiLU) on q, k, v; 0 disables both.

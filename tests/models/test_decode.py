@@ -63,6 +63,18 @@ CASES = {
         vocab_size=VOCAB, d_model=32, num_layers=3, pattern=("memory", "attn"),
         mixers={"memory": MemoryConfig(num_heads=2, chunk_size=4, expansion=2, max_lr=1.0),
                 "attn": AttentionConfig(num_heads=2)}),
+    "titans": ModelConfig(  # MAC (segment 8: the prefill ends mid-segment), MAG, MAL (their default
+        # configs, train/titans_config.py, shrunk); one scanned period
+        vocab_size=VOCAB, d_model=32, num_layers=3, pattern=("titans_mac", "titans_mag", "titans_mal"),
+        mixers={"titans_mac": dataclasses.replace(
+                    ModelConfig().mixer("titans_mac"), num_heads=2, num_kv_heads=1, num_persistent=2,
+                    segment_size=8, memory=MemoryConfig(num_heads=2, chunk_size=4, expansion=2, max_lr=1.0)),
+                "titans_mag": dataclasses.replace(
+                    ModelConfig().mixer("titans_mag"), num_heads=2, num_persistent=2, window=WINDOW,
+                    memory=MemoryConfig(num_heads=2, chunk_size=4, arch="linear")),
+                "titans_mal": dataclasses.replace(
+                    ModelConfig().mixer("titans_mal"), num_heads=2, num_persistent=1, window=WINDOW,
+                    memory=MemoryConfig(num_heads=2, chunk_size=4, expansion=2))}),
 }
 SLOW_CASES = {
     "attention_family_unscanned_untied_mha": dataclasses.replace(
