@@ -53,7 +53,8 @@ class MemoryConfig(MixerConfig):
       With `layernorm` and decay, start the decay lower (e.g. -7): a decay that shrinks M faster
       than the writes restore it drives f(k)'s variance under the LayerNorm's eps, where its
       second derivative explodes (the yaad preset's first gradient norm: 1.7e7 at -4, 6.5 at -7).
-    w0_std: std of the initial memory weights W0; None: 1 / sqrt(d_in) per layer (LeCun normal,
+    w0_std: std of the initial memory weights W0; None: 1 for kl_softmax (W0 holds logits, see
+      NeuralMemory.default_w0_std), else 1 / sqrt(d_in) per layer (LeCun normal,
       so an MLP memory starts with non-vanishing gradients; TTT's 0.02 relies on its residual).
     conv_size: short depthwise causal conv (+ SiLU) on q, k, v; 0 disables both.
     output_norm: per-head RMSNorm of the read-out. output_gate: "none", "sigmoid" or "swish" gate

@@ -28,7 +28,7 @@ bias-carrying linear map per head (Titans gives no parametrisation; titans-pytor
 sigmoid(Linear)); theta is bounded by max_lr = 0.01 (titans-pytorch's bound: the b stale
 gradients of a chunk add up, see MemoryConfig.max_lr); alpha <= 0.999 and eta >= 1e-3 keep the
 op's log-space gates finite; the initial biases give theta 0.005, alpha 0.018, eta 0.88; W0 is
-LeCun-normal per layer (TTT: N(0, 0.02^2), which leaves a non-residual MLP memory without
+LeCun-normal per layer, std 1 logits for kl_softmax (TTT: N(0, 0.02^2), which leaves a non-residual MLP memory without
 gradient); the Huber delta is a softplus (Miras: "learned,
 input-dependent", no form given); one conv over the concatenated q/k/v channels (fla's layout,
 no conv bias); the output norm is per-head RMSNorm and the gate a swish (Gated DeltaNet's,
@@ -93,11 +93,18 @@ class NeuralMemory(nnx.Module):
         self.gate_bias = param(jnp.repeat(jnp.array([init[n] for n in self.gate_names], F32), h),
                                ("heads",))
         w0 = init_weights(self.spec, rngs.params(), h, hd, hd, std=1.0)  # N(0, 1), then per layer:
-        w0 = [w * (cfg.w0_std if cfg.w0_std is not None else w.shape[1] ** -0.5) for w in w0]
+        w0 = [w * (cfg.w0_std if cfg.w0_std is not None else self.default_w0_std(w.shape[1])) for w in w0]
         self.w0 = nnx.List([param(w, ("heads", None, None)) for w in w0])
         self.o_norm = RMSNorm(hd, eps=ctx.norm_eps) if cfg.output_norm else None
         self.g_proj = dense(h * hd) if cfg.output_gate != "none" else None
         self.o_proj = Dense(h * hd, d, axes=("heads", "embed"), std=ctx.out_std, dtype=ctx.dtype, rngs=rngs)
+
+    def default_w0_std(self, d_in: int) -> float:
+        """LeCun normal (1 / sqrt(d_in)); 1 for kl_softmax, whose W0 holds logits: logits of
+        std 1 / sqrt(d_in) make every column of softmax(W0) nearly uniform, so every unit of f
+        is nearly the same and a LayerNorm readout divides by ~sqrt(eps) (first gradient norm
+        600 in the memora preset, 3.7 with std 1)."""
+        return 1.0 if self.spec.retention == "kl_softmax" else d_in ** -0.5
 
     # -- pieces
 
