@@ -59,14 +59,14 @@ CASES = {
     "attention_family": _VARIANTS,
     "linear_attention_family": _LINEAR,
     "sparse_attention_family": _SPARSE,
-    "memory": ModelConfig(  # Titans memory (chunk 4: ragged chunks) in a scanned period + remainder
-        vocab_size=VOCAB, d_model=32, num_layers=3, pattern=("memory", "attn"),
+    # The Titans memory (chunk 4: ragged chunks) and MAC (segment 8: the prefill ends
+    # mid-segment), MAG, MAL (their default configs, shrunk) in one model: one scanned period of
+    # the four, then a memory layer as the remainder.
+    "memory_family": ModelConfig(
+        vocab_size=VOCAB, d_model=32, num_layers=5,
+        pattern=("memory", "titans_mac", "titans_mag", "titans_mal"),
         mixers={"memory": MemoryConfig(num_heads=2, chunk_size=4, expansion=2, max_lr=1.0),
-                "attn": AttentionConfig(num_heads=2)}),
-    "titans": ModelConfig(  # MAC (segment 8: the prefill ends mid-segment), MAG, MAL (their default
-        # configs, train/titans_config.py, shrunk); one scanned period
-        vocab_size=VOCAB, d_model=32, num_layers=3, pattern=("titans_mac", "titans_mag", "titans_mal"),
-        mixers={"titans_mac": dataclasses.replace(
+                "titans_mac": dataclasses.replace(
                     ModelConfig().mixer("titans_mac"), num_heads=2, num_kv_heads=1, num_persistent=2,
                     segment_size=8, memory=MemoryConfig(num_heads=2, chunk_size=4, expansion=2, max_lr=1.0)),
                 "titans_mag": dataclasses.replace(

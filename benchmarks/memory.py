@@ -1,0 +1,242 @@
+"""Speed of the test-time memory (pallas_kernels/neural_memory), three tables:
+
+  (a) the op's forward+backward time vs sequence length T, linear and MLP memory, xla
+      implementation with its default path ("auto": `dual=None`, the dual form wherever the
+      op has one, which is both memories here since the MLP dual form landed), with the time ratio
+      per doubling of T (2.0 = linear in T);
+  (b) the paths of the op at a few T: the closed (dual) form `xla.neural_memory(dual=True)`, the
+      materialised per-token weights of `vmap(grad)` (`dual=False`), and the token-by-token
+      `reference`; forward and forward+backward. "n/a" where a path refuses the memory (the MLP
+      dual form until it lands in xla.py);
+  (c) the memory mixer (layers/memory: projections, gates, the op, output norm and gate) against
+      titans-pytorch's `NeuralMemory` at the same dim, heads, head dim, MLP depth 2, expansion 4
+      and chunk, forward+backward of the module alone, on the same CPU (the torch side runs
+      benchmarks/memory_torch_peer.py under .venv-torch/bin/python, after the JAX side, never
+      at the same time).
+
+    .venv/bin/python benchmarks/memory.py                       # all three, ~5 min on 2 cores
+    .venv/bin/python benchmarks/memory.py --tables a --lengths 256,512,1024
+    .venv/bin/python benchmarks/memory.py --tables c --torch-omp-passive
+
+Every timed function is jitted and blocks on its result (benchmarks/timing.py); medians of
+`--runs` calls after one warm-up. Forward+backward is `value_and_grad` of sum(o * w) (fixed
+random w) with respect to q, k, v, the gates and W0. Memory: l2 bias, per-token decay, GD with
+momentum (Titans' LMM), chunk 16, read after write; MLP depth 2, expansion 4, GELU, residual +
+LayerNorm readout (TTT / titans-pytorch's ResidualNorm); linear: plain x W.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
+from pallas_kernels.neural_memory import common, reference, xla  # noqa: E402
+from pallas_kernels.neural_memory.common import MemorySpec  # noqa: E402
+
+CHUNK = 16
+
+
+def spec_for(arch: str, chunk: int = CHUNK) -> MemorySpec:
+    mlp = arch == "mlp"
+    return MemorySpec(arch=arch, depth=2, expansion=4, activation="gelu", residual=mlp, layernorm=mlp,
+                      bias="l2", retention="decay", algorithm="gd_momentum", chunk_size=chunk)
+
+
+def inputs(spec: MemorySpec, b: int, t: int, h: int, d: int, seed: int = 0):
+    """q, k unit [B, T, H, D], v [B, T, H, D], theta, alpha, eta [B, T, H], W0, w (the loss weights)."""
+    ks = jax.random.split(jax.random.key(seed), 8)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    q, k = (unit(jax.random.normal(kk, (b, t, h, d))) for kk in ks[:2])
+    v = jax.random.normal(ks[2], (b, t, h, d))
+    u = lambda kk, lo, hi: jax.random.uniform(kk, (b, t, h), minval=lo, maxval=hi)
+    gates = (u(ks[3], 0.0, 0.1), u(ks[4], 0.0, 0.05), u(ks[5], 0.5, 0.95))  # theta, alpha, eta
+    w0 = common.init_weights(spec, ks[6], h, d, d, std=1.0)
+    w0 = tuple(x / math.sqrt(x.shape[1]) for x in w0)
+    return (q, k, v) + gates, w0, jax.random.normal(ks[7], (b, t, h, d))
+
+
+def op_fns(spec: MemorySpec, path: str):
+    """(forward, forward+backward) jitted: path "auto" (xla default), "dual", "vmap_grad", "reference"."""
+    def call(args, w0):
+        q, k, v, th, al, et = args
+        if path == "reference":
+            return reference.neural_memory(spec, q, k, v, th, al, et, initial_weights=w0)[0]
+        dual = {"auto": None, "dual": True, "vmap_grad": False}[path]
+        return xla.neural_memory(spec, q, k, v, th, al, et, initial_weights=w0, dual=dual)[0]
+
+    def loss(args, w0, w):
+        return jnp.sum(call(args, w0) * w)
+
+    return jax.jit(call), jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def try_time(fn, args, runs):
+    """Median seconds, or None where the path refuses the memory (ValueError/NotImplementedError)."""
+    try:
+        return median_seconds(fn, args, runs)
+    except (ValueError, NotImplementedError) as e:
+        print(f"    (n/a: {str(e).splitlines()[0][:100]})", flush=True)
+        return None
+
+
+def fmt(x, scale=1e3, width=10, prec=1):
+    return f"{'n/a':>{width}}" if x is None else f"{x * scale:>{width}.{prec}f}"
+
+
+def table_a(args):
+    b, h, d = args.shape
+    lengths = [int(x) for x in args.lengths.split(",")]
+    print(f"\n(a) op fwd+bwd vs T: xla default path, B{b} H{h} K=V={d}, chunk {CHUNK}, ms, median of {args.runs}")
+    print(f"{'memory':>8} {'path':>9} | " + " | ".join(f"{t:>7}" for t in lengths) + " | per doubling (geo mean)")
+    for arch in ("linear", "mlp"):
+        spec = spec_for(arch)
+        _, fb = op_fns(spec, "auto")
+        times = []
+        for t in lengths:
+            a, w0, w = inputs(spec, b, t, h, d)
+            times.append(median_seconds(fb, (a, w0, w), args.runs))
+        ratios = [y / x for x, y in zip(times, times[1:])]
+        steps = [math.log2(y / x) for x, y in zip(lengths, lengths[1:])]
+        geo = math.exp(sum(math.log(r) / s for r, s in zip(ratios, steps)) / len(ratios)) if ratios else math.nan
+        print(f"{arch:>8} {'auto':>9} | " + " | ".join(f"{x * 1e3:>7.1f}" for x in times)
+              + f" | x{geo:.2f} (" + ", ".join(f"{r:.2f}" for r in ratios) + ")", flush=True)
+
+
+def table_b(args):
+    b, h, d = args.shape
+    lengths = [int(x) for x in args.path_lengths.split(",")]
+    paths = ("dual", "vmap_grad", "reference")
+    print(f"\n(b) paths of the op: B{b} H{h} K=V={d}, chunk {CHUNK}, ms, median of {args.runs}")
+    head = f"{'memory':>8} {'T':>6} | " + " | ".join(f"{p + ' fwd':>14} | {p + ' f+b':>14}" for p in paths)
+    print(head + " | vmap_grad/dual f+b | reference/dual f+b")
+    for arch in ("linear", "mlp"):
+        spec = spec_for(arch)
+        for t in lengths:
+            a, w0, w = inputs(spec, b, t, h, d)
+            res = {}
+            for p in paths:
+                if p == "reference" and t > args.max_ref_t:
+                    res[p] = (None, None)
+                    continue
+                f, fb = op_fns(spec, p)
+                res[p] = (try_time(f, (a, w0), args.runs), try_time(fb, (a, w0, w), args.runs))
+            ratio = lambda p: ("n/a" if res[p][1] is None or res["dual"][1] is None
+                               else f"{res[p][1] / res['dual'][1]:.1f}")
+            print(f"{arch:>8} {t:>6} | " + " | ".join(f"{fmt(res[p][0], width=14)} | {fmt(res[p][1], width=14)}"
+                                                    for p in paths)
+                  + f" | {ratio('vmap_grad'):>18} | {ratio('reference'):>18}", flush=True)
+
+
+def jax_mixer_seconds(dim, heads, dim_head, chunk, b, t, runs) -> tuple[float, int]:
+    """The memory mixer at titans-pytorch's sizes: forward+backward (params and x) of sum(y)."""
+    from layers.registry import LayerContext, build_mixer
+    from train.config import RuntimeConfig
+    from train.memory_config import MemoryConfig
+    cfg = MemoryConfig(num_heads=heads, head_dim=dim_head, arch="mlp", depth=2, expansion=4,
+                       residual=True, layernorm=True, chunk_size=chunk, conv_size=0,
+                       output_gate="sigmoid")
+    ctx = LayerContext(d_model=dim, dtype=jnp.float32, runtime=RuntimeConfig(mesh_data=1),
+                       init_std=0.02, out_std=0.02)
+    mixer = build_mixer(cfg, ctx, rngs=nnx.Rngs(params=0))
+    graphdef, params = nnx.split(mixer)
+    x = jax.random.normal(jax.random.key(1), (b, t, dim))
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    seg = jnp.ones((b, t), jnp.int32)
+
+    @jax.jit
+    def fb(params, x):
+        def loss(params, x):
+            y, _ = nnx.merge(graphdef, params)(x, positions=pos, segment_ids=seg)
+            return jnp.sum(y)
+        return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    return median_seconds(fb, (params, x), runs), n_params
+
+
+def torch_seconds(spec: dict, python: Path, passive: bool) -> dict:
+    env = dict(os.environ)
+    if passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        proc = subprocess.run([str(python), str(ROOT / "benchmarks" / "memory_torch_peer.py"), "--spec",
+                               json.dumps(spec)], capture_output=True, text=True, timeout=1200, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out after 1200 s"}
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:160]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table_c(args):
+    dim, heads, dh = args.torch_shape
+    b = args.torch_batch
+    lengths = [int(x) for x in args.torch_lengths.split(",")]
+    python = Path(args.torch_python)
+    have_torch = python.exists()
+    print(f"\n(c) memory module fwd+bwd vs titans-pytorch: dim {dim}, {heads} heads of {dh}, MLP depth 2 x4, "
+          f"chunk {CHUNK}, batch {b}, ms, median of {args.runs}")
+    if not have_torch:
+        print(f"    no {python}: run scripts/setup_torch.sh, then `.venv-torch/bin/pip install titans-pytorch`")
+    print(f"{'T':>6} | {'chimera mixer':>13} | {'torch anchor=chunk':>18} | {'torch anchor=seq':>16} | "
+          f"{'torch chunk / chimera':>21} | params chimera / torch")
+    for t in lengths:
+        jt, jp = jax_mixer_seconds(dim, heads, dh, CHUNK, b, t, args.runs)
+        res = {}
+        for anchor in ("chunk", "sequence"):
+            spec = dict(dim=dim, heads=heads, dim_head=dh, depth=2, expansion=4, chunk=CHUNK, batch=b,
+                        seq_len=t, anchor=anchor, runs=args.runs, warmup=1)
+            res[anchor] = torch_seconds(spec, python, args.torch_omp_passive) if have_torch else {"error": "no torch"}
+        cell = lambda r, w: f"{r['median_s'] * 1e3:>{w}.1f}" if "median_s" in r else f"{'n/a':>{w}}"
+        ratio = f"{res['chunk']['median_s'] / jt:.2f}" if "median_s" in res["chunk"] else "n/a"
+        tp = res["chunk"].get("params", "n/a")
+        print(f"{t:>6} | {jt * 1e3:>13.1f} | {cell(res['chunk'], 18)} | {cell(res['sequence'], 16)} | "
+              f"{ratio:>21} | {jp} / {tp}", flush=True)
+        for anchor, r in res.items():
+            if "error" in r:
+                print(f"    torch anchor={anchor}: {r['error']}")
+    versions = [r for r in res.values() if "version" in r]
+    if versions:
+        print(f"    titans-pytorch {versions[0]['version']}, torch {versions[0]['torch']}, "
+              f"{versions[0]['threads']} threads")
+
+
+def main(argv=None) -> int:
+    triple = lambda s: tuple(int(x) for x in s.lower().split("x"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tables", default="abc", help="any of a, b, c")
+    ap.add_argument("--shape", type=triple, default=(2, 4, 32), help="BxHxD of tables a and b")
+    ap.add_argument("--lengths", default="256,512,1024,2048,4096", help="table a")
+    ap.add_argument("--path-lengths", default="256,1024", help="table b")
+    ap.add_argument("--max-ref-t", type=int, default=1024, help="table b: skip the reference above this T")
+    ap.add_argument("--torch-shape", type=triple, default=(128, 4, 32), help="dim x heads x dim_head of table c")
+    ap.add_argument("--torch-batch", type=int, default=2)
+    ap.add_argument("--torch-lengths", default="256,1024")
+    ap.add_argument("--torch-python", default=str(ROOT / ".venv-torch" / "bin" / "python"))
+    ap.add_argument("--torch-omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE for torch")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args(argv)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, float32, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    for name, fn in (("a", table_a), ("b", table_b), ("c", table_c)):
+        if name in args.tables:
+            fn(args)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
