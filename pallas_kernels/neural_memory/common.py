@@ -83,7 +83,8 @@ class MemorySpec:
       "huber" sum_i huber_delta(r_i)               (coordinate-wise Huber, delta_t given per
                                                     token and head: 1/2 r^2 if |r| <= delta,
                                                     else delta (|r| - delta / 2))
-    p, eps: exponent (>= 1) and smoothing (> 0) of the "lp" bias.
+    p, eps: exponent (>= 1) and smoothing (> 0) of the "lp" bias (eps also smooths the
+      lq_norm retention's norm, so that M = 0 stays finite).
     retention: "none"; "decay" (weight decay alpha_t per token; Titans Eqs 13-14); "lq_norm"
       (decay, and the weights phi(M) = M / ||M||_q^(q-2): Moneta); "kl_softmax" (decay on the
       logits M, weights phi(M) = sqrt(d_in) softmax over d_in: Memora). See the module docstring.
