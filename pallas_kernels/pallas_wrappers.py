@@ -64,6 +64,16 @@ def dispatch_kwargs(q, k, v, log_decay, initial_state, segment_ids, *, scale: fl
     return dict(implementation=implementation, signature=signature, **options)
 
 
+# ----------------------------------------------------------------------------- argument checks
+
+def check_segment_ids(segment_ids, b: int, t: int) -> None:
+    """Raise ValueError unless segment_ids is None or int [B, T] = [b, t] (0 = padding)."""
+    if segment_ids is not None and (segment_ids.shape != (b, t)
+                                    or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+        raise ValueError(f"segment_ids must be int [B, T] = [{b}, {t}]; got "
+                         f"{segment_ids.dtype}{list(segment_ids.shape)}")
+
+
 # ----------------------------------------------------------------------------- both wrappers
 
 def sum_kv_groups(x, kv_heads: int, axis: int):

@@ -26,6 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import pallas_wrappers as pw
+
 F32 = jnp.float32
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -57,10 +59,7 @@ def check(q, k, v, log_decay, initial_state, segment_ids, scale, chunk_size) -> 
     if initial_state is not None and initial_state.shape != (b, h, dk, v.shape[3]):
         raise ValueError(f"initial_state must be [B, H, K, V] = {[b, h, dk, v.shape[3]]}; "
                          f"got {list(initial_state.shape)}")
-    if segment_ids is not None and (segment_ids.shape != (b, t)
-                                    or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
-        raise ValueError(f"segment_ids must be int [B, T] = [{b}, {t}]; got "
-                         f"{segment_ids.dtype}{list(segment_ids.shape)}")
+    pw.check_segment_ids(segment_ids, b, t)
     if scale is not None and not float(scale) > 0:
         raise ValueError(f"scale must be > 0 or None (1/sqrt(K)), got {scale}")
     if int(chunk_size) != chunk_size or chunk_size < 1 or int(chunk_size) & (int(chunk_size) - 1):

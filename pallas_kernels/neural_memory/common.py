@@ -47,6 +47,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import pallas_wrappers as pw
+
 F32 = jnp.float32
 LN_EPS = 1e-5  # eps of the memory's (parameter-free) LayerNorm
 
@@ -312,10 +314,7 @@ def check(spec: MemorySpec, q, k, v, theta, alpha, eta, delta, initial_weights, 
             if w.shape != (b, h, *s):
                 raise ValueError(f"initial_state leaf {i} must be [B, H, d_in, d_out] = "
                                  f"{[b, h, *s]}; got {list(w.shape)}")
-    if segment_ids is not None and (segment_ids.shape != (b, t)
-                                    or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
-        raise ValueError(f"segment_ids must be int [B, T] = [{b}, {t}]; got "
-                         f"{segment_ids.dtype}{list(segment_ids.shape)}")
+    pw.check_segment_ids(segment_ids, b, t)
 
 
 def resets(segment_ids: jax.Array) -> jax.Array:
