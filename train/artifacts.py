@@ -5,12 +5,14 @@
     logits, _ = run.model(tokens, positions=..., segment_ids=...)
 
 Used by the export, generate and eval commands. Only the params are returned; the optimizer
-state is restored alongside them (orbax restores the saved tree whole) and dropped.
+state is restored alongside them (orbax restores the saved tree whole) and dropped. Reading is
+safe beside a job still training in the directory: checkpoints are opened read-only (nothing is
+created, moved or cleaned), every restore is verified against the checkpoint's fingerprint, and
+a step the running job deletes while it is read is skipped.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -18,8 +20,9 @@ from flax import nnx
 
 import models
 from train.checkpoint import Checkpointer, abstract_like
-from train.config import Config, ConfigError, RuntimeConfig, from_dict
+from train.config import Config, ConfigError, RuntimeConfig, read_config_json
 from train.data import Tokenizer, build_tokenizer
+from train.data.tokenizer import BYTE_FILE, HF_FILE, IDS_FILE, SP_FILE
 from train.optim import make_optimizer
 from train.step import init_state
 
@@ -38,7 +41,16 @@ def load_config(run_dir: str | Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory: it has no config.json "
                           "(written by `python -m train` when a run starts)")
-    return from_dict(Config, json.loads(path.read_text()))
+    return read_config_json(path)
+
+
+def load_tokenizer(run_dir: str | Path) -> Tokenizer:
+    """The copy of its tokenizer that a run saved into its directory."""
+    names = (HF_FILE, SP_FILE, BYTE_FILE, IDS_FILE)
+    if not any((Path(run_dir) / n).is_file() for n in names):
+        raise ConfigError(f"{run_dir} has no tokenizer file (one of {', '.join(names)}), which the run wrote when it "
+                          "started; copy the run's data.tokenizer file back into it")
+    return build_tokenizer(str(run_dir))
 
 
 def load_run(run_dir: str | Path, step: int | None = None, runtime: RuntimeConfig | None = None) -> LoadedRun:
@@ -52,7 +64,10 @@ def load_run(run_dir: str | Path, step: int | None = None, runtime: RuntimeConfi
     if cfg.model.vocab_size is None:
         raise ConfigError(f"{run_dir}/config.json has model.vocab_size=None; it was not written by a run")
     ckpt_dir = run_dir / "checkpoints"
-    ckpt = Checkpointer(ckpt_dir, keep=max(cfg.train.keep_checkpoints, 1), async_save=False)
+    tokenizer = load_tokenizer(run_dir)
+    if not ckpt_dir.is_dir():
+        raise ConfigError(f"{run_dir} has no checkpoints yet (looked in {ckpt_dir})")
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
     try:
         steps = ckpt.steps()
         if not steps:
@@ -62,8 +77,9 @@ def load_run(run_dir: str | Path, step: int | None = None, runtime: RuntimeConfi
         graphdef, abstract = nnx.eval_shape(lambda: _split(cfg, tx))
         abstract = abstract_like(abstract)
         if step is None:
-            got = ckpt.restore_latest(abstract, move_corrupt=False)
-            assert got is not None
+            got, _ = ckpt.restore_latest(abstract)
+            if got is None:  # the running job deleted them all meanwhile
+                raise ConfigError(f"{run_dir} has no checkpoints left (looked in {ckpt_dir})")
             step, state, _ = got
         else:
             if step not in steps:
@@ -72,7 +88,7 @@ def load_run(run_dir: str | Path, step: int | None = None, runtime: RuntimeConfi
     finally:
         ckpt.close()
     model = nnx.merge(graphdef, state["params"])
-    return LoadedRun(run_dir=run_dir, cfg=cfg, model=model, step=int(step), tokenizer=build_tokenizer(str(run_dir)))
+    return LoadedRun(run_dir=run_dir, cfg=cfg, model=model, step=int(step), tokenizer=tokenizer)
 
 
 def _split(cfg: Config, tx):

@@ -1,86 +1,374 @@
-"""Orbax checkpoints of the TrainState plus the data iterator state.
+"""Orbax checkpoints of the TrainState plus the data iterator state, verified on every restore.
 
-Layout: RUN_DIR/checkpoints/<step>/{state, data}. Saves are asynchronous (the train loop goes on
-while files are written), the newest `keep` are kept, and orbax only ever lists checkpoints
-that finished writing, so a run killed mid-save resumes from the previous one. A checkpoint that
-is listed but cannot be read (corrupt, truncated) is reported, moved to RUN_DIR/corrupt_checkpoints/
-(kept for inspection, and out of the way of the step that will be saved again), and the next older
-one is tried.
+Layout: RUN_DIR/checkpoints/<step>/{state, data, meta}. `state` is the TrainState (orbax
+StandardSave), `data` the data iterator's position (JSON), `meta` a fingerprint of every array
+of `state` (JSON, below). Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it
+when complete, so only whole checkpoints are ever listed: a run killed mid-save resumes from the
+previous one.
+
+What can go wrong, and what happens (nothing here ever deletes or replaces a readable checkpoint):
+
+- Incompatible (`CheckpointMismatch`, a ConfigError): the checkpoint holds another state tree
+  (other param names, shapes or dtypes: a different model or optimizer) or a data state that
+  belongs to other data. The error names the differences and nothing is moved.
+- Corrupt: unreadable files, a fingerprint that does not match (bit rot), or a malformed data
+  state. The step is reported in one line and the next older one is tried. The train loop sets
+  aside (moves to RUN_DIR/corrupt_checkpoints/) only corrupt steps newer than the one it
+  resumes from, since it will write those steps again. When no readable checkpoint is left,
+  `CheckpointError` is raised and nothing is moved; starting over is the user's decision.
+- A failed save (full disk, ...): `CheckpointError` naming the step and the cause in one line,
+  reported by the first `poll()` after the background write fails; the partial temporary
+  directory is removed.
+
+Fingerprint: per array, two sums over its 32-bit words w_i with odd weights, modulo 2^32
+(sum w_i (2i + 1) and sum rotl(w_i, 13) (i * 0x9E3779B1 | 1)), computed on device at save and
+again after restore. Changing any single word changes the first sum, so a flipped bit anywhere
+in the data files is caught even when the file still decodes; it does not depend on how the
+array is sharded, so a checkpoint restored under another mesh verifies too. Orbax itself
+verifies nothing of the values it reads.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from train.config import ConfigError
+from train.errors import CheckpointError, CheckpointSaveError
 
 log = logging.getLogger("chimera.checkpoint")
 
+META_FORMAT = 1
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+class CheckpointMismatch(ConfigError):
+    """The checkpoint is readable but belongs to another model, optimizer or data config."""
+
+
+class _Corrupt(Exception):
+    """One checkpoint step cannot be used; restore_latest tries an older one."""
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip()
+    # tensorstore / orbax messages put the root cause (e.g. "File too large") last.
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()] or [""]
+    msg = lines[0] if len(lines[0]) <= limit else "..." + lines[0][-limit:]
+    return f"{type(e).__name__}: {msg}"
+
+
+# ----------------------------------------------------------------------------- tree helpers
+
+def _path_name(path) -> str:
+    """'opt_state/1/0/mu/embed/embedding/value' for a jax key path; orbax's metadata tree
+    (dicts with string keys) and the live state (nnx State, optax tuples) give the same name."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _named_leaves(tree: Any) -> dict[str, Any]:
+    return {_path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words (flat)."""
+    x = x.reshape(-1)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    size = x.dtype.itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprint_arrays(arrays: list[jax.Array]) -> jax.Array:
+    out = []
+    for x in arrays:
+        w = _words(x)
+        i = jnp.arange(w.shape[0], dtype=jnp.uint32)
+        rot = (w << 13) | (w >> 19)
+        out.append(jnp.stack([jnp.sum(w * (2 * i + 1), dtype=jnp.uint32),
+                              jnp.sum(rot * ((i * jnp.uint32(0x9E3779B1)) | 1), dtype=jnp.uint32)]))
+    return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+
+
+def fingerprint(tree: Any) -> dict[str, list[int]]:
+    """{leaf name: [h1, h2]} of every array in `tree` (see the module docstring)."""
+    named = _named_leaves(tree)
+    sums = np.asarray(jax.device_get(_fingerprint_arrays([jnp.asarray(x) for x in named.values()])))
+    return {name: [int(a), int(b)] for name, (a, b) in zip(named, sums)}
+
+
+def tree_differences(saved: dict[str, Any], wanted: dict[str, Any], limit: int = 4) -> list[str]:
+    """Human-readable differences between two {name: array-like with shape/dtype} maps."""
+    out = []
+    for name in sorted(set(saved) | set(wanted), key=lambda n: (not n.startswith("params"), n)):
+        a, b = saved.get(name), wanted.get(name)
+        if a is None:
+            out.append(f"{name} is new (not in the checkpoint)")
+        elif b is None:
+            out.append(f"{name} is in the checkpoint but not in this model")
+        elif tuple(a.shape) != tuple(b.shape):
+            out.append(f"{name} shape {tuple(a.shape)} in the checkpoint vs {tuple(b.shape)} now")
+        elif jnp.dtype(a.dtype) != jnp.dtype(b.dtype):
+            out.append(f"{name} dtype {jnp.dtype(a.dtype).name} in the checkpoint vs {jnp.dtype(b.dtype).name} now")
+    if len(out) > limit:
+        out = out[:limit] + [f"{len(out) - limit} more"]
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpointer
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Orbax logs every failed background write from each of its threads with a full traceback
+    (hundreds of lines for one full disk). The Checkpointer reports each failure itself, in one
+    line naming the step and the cause, so those records are dropped (and the notices that a
+    reader's directory is read only, which it asked for)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname:
+            return True
+        if record.levelno >= logging.ERROR:
+            return False
+        return "read only" not in record.getMessage()  # a reader's read_only=True, as asked
+
+
+_QUIET = _QuietOrbaxErrors()
+
+
+class _QuietFailedWrites(logging.Filter):
+    """After a failed save, asyncio reports each of orbax's abandoned write futures ("exception
+    was never retrieved", with a traceback) when they are collected: the same failure again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _TMP_SUFFIX not in record.getMessage()
+
+
+def _silence_failed_save_aftermath() -> None:
+    """When a save fails, tensorstore's callbacks for the writes still in flight hit orbax's
+    closed event loop and Python prints each as an unraisable exception ("Event loop is
+    closed"), and asyncio logs the abandoned futures. Both repeat the failure that `poll`
+    reports in one line, in hundreds of lines, so they are dropped; anything else passes."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_chimera", False):
+        return
+
+    def hook(unraisable):
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._chimera = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_QuietFailedWrites())  # once, with the hook
+
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
+    """Saves and restores checkpoints in `directory`.
+
+    read_only: a reader (eval, export, generate) beside a run that may still be going: it
+    never creates, deletes, moves or cleans anything, and a step that the running job deletes
+    while it is being read is skipped.
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self.read_only = read_only
+        logging.getLogger("absl").addFilter(_QUIET)  # the same object: added once
+        _silence_failed_save_aftermath()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
+            enable_async_checkpointing=async_save and not read_only,
+            # The writer holds the run directory's lock, so a temporary directory it finds was
+            # left by a killed process: orbax removes it.
+            cleanup_tmp_directories=not read_only)
+        # Handlers named up front, so that a new manager can read a step's metadata before any restore.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self.manager = _listing(lambda: ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers))
+        self._pending: int | None = None  # step of a save that may still be writing
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: dict) -> None:
-        """Start saving; returns once the arrays are copied off the device."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=ocp.args.JsonSave(data_state)), force=True)
+    # -- saving
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[int, Any, dict]:
-        """(step, state, data_state) of checkpoint `step`; raises if it cannot be read.
+    def save(self, step: int, state: Any, data_state: dict) -> None:
+        """Start saving; returns once the arrays are copied off the device. A failure of an
+        earlier save is raised here (CheckpointError), before anything new is written."""
+        self.poll(block=True)
+        meta = {"format": META_FORMAT, "fingerprint": fingerprint(state)}
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # noqa: BLE001 - a synchronous write failed (disk full, ...)
+            self._failed(step, e)
+        self._pending = step
+
+    def poll(self, block: bool = False) -> None:
+        """Raise CheckpointError if the last save failed. Without `block`, returns at once
+        while it is still writing (the train loop calls this every step)."""
+        if self._pending is None:
+            return
+        if not block and self.manager.is_saving_in_progress():
+            return
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - the background write failed
+            self._failed(step, e)
+
+    def _failed(self, step: int, e: Exception):
+        for tmp in self.directory.glob(f"{step}{_TMP_SUFFIX}*"):
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial write of this one step
+        self.manager.reload()
+        good = [s for s in self.steps() if s != step]
+        raise CheckpointSaveError(
+            f"saving checkpoint step {step} in {self.directory} failed ({_first_line(e)}); the partial files were "
+            f"removed. Last good checkpoint: {f'step {good[-1]}' if good else 'none'}") from e
+
+    def wait(self) -> None:
+        self.poll(block=True)
+
+    def close(self) -> None:
+        """Wait for a pending save (raising CheckpointError if it failed), then release orbax."""
+        try:
+            self.poll(block=True)
+        finally:
+            self.manager.close()
+
+    # -- restoring
+
+    def restore(self, step: int, abstract_state: Any,
+                check_data: Callable[[dict], None] | None = None) -> tuple[int, Any, dict]:
+        """(step, state, data_state) of checkpoint `step`, verified against its fingerprint.
 
         abstract_state: a pytree of jax.ShapeDtypeStruct (from jax.eval_shape of the initial
         state). Their shardings decide where the arrays land, so a checkpoint written under one
         mesh restores under another (orbax reshards on read).
+        check_data: called with the data state; a ConfigError there means another data config
+        (CheckpointMismatch), any other exception a malformed state (corrupt).
+        Raises CheckpointMismatch, or CheckpointError when the step cannot be read.
         """
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return step, restored["state"], restored["data"]
+        try:
+            return self._restore(step, abstract_state, check_data)
+        except _Corrupt as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read ({e})") from None
 
-    def restore_latest(self, abstract_state: Any, *, move_corrupt: bool = True) -> tuple[int, Any, dict] | None:
-        """`restore` of the newest readable checkpoint, or None if there is none.
-
-        move_corrupt: move an unreadable checkpoint aside (the train loop, which will write that
-        step again) or leave it where it is (readers such as export, which must not touch a run
-        that may still be going).
-        """
-        steps = self.steps()
-        for step in reversed(steps):
+    def _restore(self, step, abstract_state, check_data):
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+            saved = getattr(saved, "tree", saved)
+        except Exception as e:  # noqa: BLE001 - unreadable metadata is a corrupt step
+            raise _Corrupt(f"metadata: {_first_line(e)}") from None
+        if saved is None:
+            raise _Corrupt("its state metadata is missing")
+        diff = tree_differences(_named_leaves(saved), _named_leaves(abstract_state))
+        if diff:
+            raise CheckpointMismatch(
+                f"checkpoint step {step} in {self.directory} holds another model or optimizer ({'; '.join(diff)}); "
+                "use the run's own settings (its config.json) or another --run-dir")
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - unreadable files
+            raise _Corrupt(_first_line(e)) from None
+        state, data, meta = restored["state"], restored["data"], restored["meta"]
+        if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+            raise _Corrupt("its fingerprint record (meta) is missing or malformed")
+        want, got = meta.get("fingerprint", {}), fingerprint(state)
+        bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        if bad:
+            raise _Corrupt(f"fingerprint mismatch in {len(bad)} array(s), first {bad[0]}: the files changed "
+                           "after they were written")
+        if check_data is not None:
             try:
-                return self.restore(step, abstract_state)
-            except Exception as e:  # noqa: BLE001 - any read failure means: try an older one
-                why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-                if not move_corrupt:
-                    log.warning("checkpoint %s/%d cannot be restored (%s); trying an older one",
-                                self.directory, step, why)
-                    continue
-                aside = self.directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(self.directory / str(step)), aside)
-                self.manager.reload()
-                log.warning("checkpoint %s/%d cannot be restored (%s); moved it to %s and trying an "
-                            "older one", self.directory, step, why, aside)
-        if steps:
-            raise RuntimeError(f"none of the checkpoints {steps} in {self.directory} could be restored; "
-                               "move the directory away to start from scratch")
-        return None
+                check_data(data)
+            except ConfigError as e:
+                raise CheckpointMismatch(f"checkpoint step {step} in {self.directory}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - a malformed data state
+                raise _Corrupt(f"data iterator state: {_first_line(e)}") from None
+        return step, state, data
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def restore_latest(self, abstract_state: Any, check_data: Callable[[dict], None] | None = None,
+                       ) -> tuple[tuple[int, Any, dict] | None, list[tuple[int, str]]]:
+        """(restore of the newest usable checkpoint or None when there is none, [(corrupt step,
+        why)] of the newer steps that were skipped). Raises CheckpointMismatch at the first
+        incompatible step and CheckpointError when steps exist but none is readable; moves nothing.
+        """
+        corrupt: list[tuple[int, str]] = []
+        seen: set[int] = set()
+        while True:
+            todo = [s for s in reversed(self.steps()) if s not in seen]
+            if not todo:
+                break
+            step = todo[0]
+            seen.add(step)
+            try:
+                return self._restore(step, abstract_state, check_data), corrupt
+            except _Corrupt as e:
+                if self.read_only:
+                    _listing(self.manager.reload)
+                    if step not in self.steps():  # deleted by the running job while we read it
+                        continue
+                log.warning("checkpoint step %d in %s cannot be used (%s); trying an older one",
+                            step, self.directory, e)
+                corrupt.append((step, str(e)))
+        if corrupt:
+            detail = "; ".join(f"step {s}: {why}" for s, why in corrupt)
+            raise CheckpointError(f"no checkpoint in {self.directory} can be read ({detail}); nothing was moved")
+        return None, []
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def set_aside(self, steps: list[int]) -> list[Path]:
+        """Move these step directories to RUN_DIR/corrupt_checkpoints/<step>-<time> (kept for
+        inspection, out of the way of the steps that will be written again)."""
+        assert not self.read_only
+        moved = []
+        for step in steps:
+            aside = self.directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), aside)
+            log.warning("moved unreadable checkpoint step %d to %s", step, aside)
+            moved.append(aside)
+        self.manager.reload()
+        return moved
+
+
+def _listing(fn: Callable[[], Any], tries: int = 5) -> Any:
+    """Run `fn`, which lists the checkpoints (orbax stats each step directory), again when a
+    step vanishes in between: a running job deletes its old steps while a reader lists them."""
+    for attempt in range(tries):
+        try:
+            return fn()
+        except FileNotFoundError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.05)
 
 
 def abstract_like(tree: Any) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ __all__ = [
     "ConfigError", "MixerConfig", "AttentionConfig", "ModelConfig", "DataConfig", "MQARConfig",
     "OptimizerConfig", "TrainConfig", "RuntimeConfig", "Config", "register_mixer_config", "HeadsConfig",
     "check_literals",
-    "from_dict", "to_dict", "apply_overrides",
+    "from_dict", "to_dict", "apply_overrides", "read_config_json",
 ]
 
 
@@ -214,6 +215,8 @@ class DataConfig:
       mqar    synthetic multi-query associative recall (see MQARConfig)
       files   local .txt / .jsonl files or directories in `paths` (JSONL: field `text_key`)
       tfds    `tfds.data_source(tfds_name)` (array_record), feature `text_key`
+    paths belongs to source files, tfds_name and tfds_data_dir to source tfds; setting one with
+      another source is an error (it would be silently ignored).
     tokenizer: "byte" (256 ids), or a path to a local tokenizer.json (HF tokenizers) or a
       SentencePiece .model file.
     """
@@ -223,7 +226,9 @@ class DataConfig:
     tokenizer: str = "byte"
     paths: tuple[str, ...] = ()
     text_key: str = "text"
-    val_fraction: float = 0.05  # stdlib / files: share of documents held out (by file hash)
+    # stdlib / files: share held out for validation, by file hash (or, when that leaves a split
+    # empty, e.g. one document, the last share of every document's tokens)
+    val_fraction: float = 0.05
     tfds_name: str | None = None
     tfds_data_dir: str | None = None
     train_split: str = "train"
@@ -239,6 +244,10 @@ class DataConfig:
             raise ConfigError("data.source='files' needs data.paths (files or directories)")
         if self.source == "tfds" and not self.tfds_name:
             raise ConfigError("data.source='tfds' needs data.tfds_name")
+        for name, source in (("paths", "files"), ("tfds_name", "tfds"), ("tfds_data_dir", "tfds")):
+            if getattr(self, name) and self.source != source:
+                raise ConfigError(f"data.{name} is set but data.source={self.source!r}; "
+                                  f"add data.source={source} (or drop data.{name})")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.source == "mqar":
@@ -258,6 +267,8 @@ class OptimizerConfig:
     (constant, then a linear decay over the last `decay_fraction` of training), or constant."""
     lr: float = 3e-3
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    # Linear warmup steps. A value above train.steps (a short run of a preset) is accepted: the
+    # warmup then lasts train.steps // 10 steps instead (train.optim.effective_warmup).
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2
@@ -267,17 +278,23 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     grad_clip: float | None = 1.0  # global-norm clipping; None disables
 
-    def check(self, steps: int) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_steps <= steps:
-            raise ConfigError(f"optimizer.warmup_steps={self.warmup_steps} must be in [0, train.steps={steps}]")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"optimizer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise ConfigError(f"optimizer.decay_fraction must be in (0, 1], got {self.decay_fraction}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"optimizer.grad_clip must be > 0 or None, got {self.grad_clip}")
+    def check(self) -> None:
+        check_literals(self, "optimizer")
+        finite = math.isfinite
+        for name, ok, accepted in (
+            ("lr", finite(self.lr) and self.lr > 0, "finite and > 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("decay_fraction", 0 < self.decay_fraction <= 1, "in (0, 1]"),
+            ("b1", 0 <= self.b1 < 1, "in [0, 1)"),
+            ("b2", 0 <= self.b2 < 1, "in [0, 1)"),
+            ("eps", finite(self.eps) and self.eps > 0, "finite and > 0"),
+            ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, "finite and >= 0"),
+            ("grad_clip", self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip > 0),
+             "finite and > 0, or None"),
+        ):
+            if not ok:
+                raise ConfigError(f"optimizer.{name} must be {accepted}, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -375,8 +392,8 @@ class Config:
     def __post_init__(self):
         self.model.check()
         self.data.check()
-        self.optimizer.check(self.train.steps)
         self.train.check(self.data.batch_size)
+        self.optimizer.check()
         self.runtime.check()
         for name in dict.fromkeys(self.model.pattern):
             self.model.mixer(name).check_runtime(self.runtime, f"model.mixers.{name}")
@@ -389,8 +406,14 @@ def _suggest(name: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+_ACCEPTS = {int: "an int", float: "a float", str: "a string", bool: "a bool (true/false)", type(None): "null"}
+
+
+def _accepts(tp) -> str:
+    """What values of type `tp` look like, for error messages: "an int", "one of [...]", ..."""
+    if typing.get_origin(tp) is Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    return _ACCEPTS.get(tp) or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -409,7 +432,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, a, where)
             except ConfigError:
                 pass
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        accepts = " or ".join(_accepts(a) for a in args)
+        if typing.get_origin(args[0]) is Literal:
+            raise ConfigError(f"{where}: {value!r} is not accepted; choose {accepts}")
+        raise ConfigError(f"{where}: expected {accepts}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not accepted; choose one of {list(args)}")
@@ -493,6 +519,26 @@ def from_dict(cls, data: Mapping[str, Any], where: str = "") -> Any:
                               f"accepted: {sorted(fields)}")
         kwargs[key] = _convert(value, fields[key][1], path)
     return cls(**kwargs)
+
+
+def read_config_json(path) -> "Config":
+    """The Config saved in a JSON file (a run's config.json); ConfigError naming the file when
+    it is missing, not JSON, or holds an invalid config."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                          "fix or remove it") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object of config sections, got {type(data).__name__}")
+    try:
+        return from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def to_dict(obj: Any) -> Any:

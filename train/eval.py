@@ -13,8 +13,9 @@ exactly those of the training loop's evals, so the loss equals the final eval in
 Only `data.*` may be overridden (the model is fixed by the checkpoint), for example
     data.seq_len=1024                        longer rows of the same validation documents
     data.source=files data.paths=a.txt,dir/  other files: only their held-out share (by file
-                                             hash, data.val_fraction), or every document of
-                                             them with --all-documents
+                                             hash, data.val_fraction, or the last share of each
+                                             document when that split is empty), or every
+                                             document of them with --all-documents
 The tokenizer must stay the run's: another vocabulary would make the logits meaningless.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import math
 import sys
 from pathlib import Path
 
+from train.errors import USER_ERRORS
 from train.config import Config, ConfigError, DataConfig, apply_overrides, to_dict
 
 __all__ = ["eval_data_config", "check_same_tokenizer", "default_out_path", "evaluate_run", "main"]
@@ -81,8 +83,8 @@ def evaluate_run(run_dir: str | Path, *, step: int | None = None, batches: int |
     import jax.numpy as jnp
     from flax import nnx
 
-    from train.artifacts import load_config, load_run
-    from train.data import build_tokenizer, make_eval_batches
+    from train.artifacts import load_config, load_run, load_tokenizer
+    from train.data import make_eval_batches
     from train.loop import evaluate
     from train.step import make_eval_step
 
@@ -92,7 +94,7 @@ def evaluate_run(run_dir: str | Path, *, step: int | None = None, batches: int |
     if data.source != "mqar" and data.tokenizer == run_cfg.data.tokenizer and data.tokenizer != "byte":
         # The run directory holds a copy of its tokenizer: the original path may have moved.
         data = dataclasses.replace(data, tokenizer=str(run_dir))
-    run_tokenizer = build_tokenizer(str(run_dir))
+    run_tokenizer = load_tokenizer(run_dir)
     check_same_tokenizer(run_tokenizer, data)  # before the (slower) checkpoint restore
     num = cfg.train.eval_batches if batches is None else batches
     if num < 1:
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.run_dir).is_dir():
             raise ConfigError(f"{args.run_dir}: no such run directory")
         record = evaluate_run(args.run_dir, step=args.step, batches=args.batches, overrides=args.overrides)
-    except ConfigError as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from train.artifacts import load_config  # imports jax: after the argument errors

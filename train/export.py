@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from train.errors import USER_ERRORS
 from train.config import Config, ConfigError, RuntimeConfig, from_dict, to_dict
 from train.safetensors_io import DEFAULT_SHARD_BYTES, SafetensorsReader, TensorOut, write_safetensors
 
@@ -231,7 +232,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = p.parse_args(None if argv is None else list(argv))
     try:
         out = export_run(args.run_dir, args.format, args.step, args.out, int(args.shard_gib * 1024**3))
-    except ConfigError as e:
+    except USER_ERRORS as e:
         print(f"export error: {e}", file=sys.stderr)
         return 2
     files = sorted(f.name for f in out.iterdir())

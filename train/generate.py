@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from train.errors import USER_ERRORS
 from train.config import ConfigError
 from train.data.tokenizer import Tokenizer
 from train.sampling import SamplingSettings, describe, sample
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     try:
         run_cli(args)
-    except (GenerateError, ConfigError) as e:
+    except (GenerateError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

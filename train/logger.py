@@ -2,11 +2,17 @@
 
 The progress bar (rich) is drawn only on a terminal; elsewhere (CI, redirected output) every
 `log_every` step prints one plain line, so logs stay readable in files.
+
+A resumed run replays the steps after its checkpoint: opening the logger at `start_step` drops
+the records of later steps from metrics.jsonl (and a line cut short by a kill), and tells
+TensorBoard to discard its events from step start_step + 1 on (tensorboardX's `purge_step`),
+so both hold each step once.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,14 +30,37 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records of steps <= last_step (those the checkpoint covers); drop later ones
+    and any line that does not parse (a write cut short by a kill). Rewritten atomically."""
+    if not path.exists():
+        return
+    keep, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass
+        dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d record(s) after step %d (replayed from the checkpoint)", dropped, last_step)
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, *, tensorboard: bool = True,
                  main: bool = True):
         """main=False (the other processes of a multi-host run) writes and prints nothing."""
         self.main = main
+        if main:
+            truncate_metrics(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1) if main else None
         self.text = open(run_dir / "train.log", "a", buffering=1) if main else None  # progress lines
-        self.tb = SummaryWriter(str(run_dir / "tb")) if tensorboard and main else None
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1) if tensorboard and main else None
         self.total = total_steps
         self.console = Console(stderr=True)
         self.interactive = self.console.is_terminal and main
@@ -77,8 +106,8 @@ class RunLogger:
         eta = self.eta_seconds(step) if kind == "train" else float("nan")
         eta_s = f" eta={eta:.0f}s" if eta == eta else ""
         line = f"[{kind} {step}/{self.total}] {text}{eta_s}"
-        if self.progress is not None:
-            self.progress.console.print(line)
+        if self.progress is not None:  # plain text: "[eval 5/10]" is not rich markup
+            self.progress.console.print(line, markup=False, highlight=False)
         else:
             print(line, file=sys.stderr, flush=True)
 

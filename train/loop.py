@@ -3,16 +3,22 @@
     summary = run(cfg, run_dir)
 
 The run directory holds config.json (the resolved config), train.log, metrics.jsonl, tb/
-(TensorBoard), checkpoints/<step>/ and summary.json. Starting again on the same directory
-resumes from the newest readable checkpoint, restoring params, optimizer state, step, RNG and
-the data iterator, so the loss trajectory continues exactly as if never interrupted (on CPU).
+(TensorBoard), checkpoints/<step>/, the tokenizer and summary.json. Starting again on the same
+directory resumes from the newest readable checkpoint, restoring params, optimizer state, step,
+RNG and the data iterator, so the loss trajectory continues exactly as if never interrupted (on
+CPU). One process trains in a directory at a time (train/run_lock.py), nothing is written there
+before the run is known to be valid, and no error deletes or replaces a readable checkpoint
+(train/checkpoint.py says what happens to unreadable ones).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import logging.handlers
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -25,20 +31,24 @@ from flax import nnx
 import models
 from layers.sharding import use_mesh
 from train.checkpoint import Checkpointer, abstract_like
-from train.config import Config, ConfigError, from_dict, to_dict
+from train.config import Config, ConfigError, read_config_json, to_dict
+from train.errors import CheckpointError
 from train.data import (get_tokenizer, make_eval_batches, make_train_iterator, task_vocab_size,
                         unigram_bits_per_byte)
 from train.logger import RunLogger
 from train.mesh import check_batch, create_state, describe as describe_mesh, init_distributed, make_mesh, place_batch
 from train.metrics import Throughput, peak_flops
-from train.optim import make_optimizer
+from train.optim import effective_warmup, learning_rate_schedule, make_optimizer
+from train.run_lock import RunLock
 from train.step import make_eval_step, make_train_step, init_state
 
 log = logging.getLogger("chimera.train")
+_LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or the gradient norm stopped being finite; the run was stopped."""
+    """The loss, the gradient norm or the updated parameters stopped being finite; the run was
+    stopped without applying that update."""
 
 
 def resolve(cfg: Config) -> Config:
@@ -52,13 +62,14 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
-def _check_resume_config(run_dir: Path, cfg: Config) -> None:
-    """A run directory may be resumed with other train/runtime settings, but not another model,
-    data or optimizer: that would silently train something else from the checkpoint."""
+def _check_resume_config(run_dir: Path, cfg: Config) -> Config | None:
+    """The config the run directory was trained with (None for a new run), after checking that
+    `cfg` may resume it: other train/runtime settings are fine, another model, data or optimizer
+    is not (that would silently train something else from the checkpoint)."""
     path = run_dir / "config.json"
     if not path.exists():
-        return
-    old = from_dict(Config, json.loads(path.read_text()))
+        return None
+    old = read_config_json(path)
     for section in ("model", "data", "optimizer"):
         a, b = to_dict(getattr(old, section)), to_dict(getattr(cfg, section))
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -66,22 +77,49 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> None:
             raise ConfigError(f"{run_dir} holds a run with a different {section} config "
                               f"(fields {', '.join(f'{section}.{k}' for k in diff)}); "
                               "use another --run-dir or the same settings")
+    return old
 
 
-def _setup_logging(run_dir: Path, main: bool = True) -> None:
-    """INFO to stderr and RUN_DIR/train.log; other processes of a multi-host run log warnings
-    only, to stderr, so the run directory has one log."""
+def _setup_logging(main: bool = True) -> logging.handlers.MemoryHandler | None:
+    """INFO to stderr, and (main process) to a buffer that `_log_to_file` hands to
+    RUN_DIR/train.log once the run is known to be valid: nothing is written before. Other
+    processes of a multi-host run log warnings only, to stderr, so the run directory has one log."""
     root = logging.getLogger("chimera")
     root.setLevel(logging.INFO if main else logging.WARNING)
     for h in list(root.handlers):
         if getattr(h, "_chimera", False):
             root.removeHandler(h)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    for h in (logging.StreamHandler(),) + ((logging.FileHandler(run_dir / "train.log"),) if main else ()):
-        h.setFormatter(fmt)
+            h.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    handlers[0].setFormatter(_LOG_FORMAT)
+    buffer = None
+    if main:  # flushLevel above CRITICAL: nothing leaves the buffer before it has a target
+        buffer = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+        handlers.append(buffer)
+    for h in handlers:
         h._chimera = True
         root.addHandler(h)
     root.propagate = False
+    return buffer
+
+
+def _log_to_file(run_dir: Path, buffer: logging.handlers.MemoryHandler | None) -> None:
+    if buffer is None:
+        return
+    fh = logging.FileHandler(run_dir / "train.log")
+    fh.setFormatter(_LOG_FORMAT)
+    fh._chimera = True
+    buffer.setTarget(fh)
+    buffer.flush()
+    root = logging.getLogger("chimera")
+    root.removeHandler(buffer)
+    root.addHandler(fh)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def evaluate(eval_step, params, batches, token_bytes, *, text: bool = True) -> dict[str, float]:
@@ -134,25 +172,72 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
-def run(cfg: Config, run_dir: str | Path) -> dict:
+def _restore(ckpt: Checkpointer, state, train_iter, *, from_scratch: bool, main: bool):
+    """(restored step or None, state): the newest usable checkpoint, its data position set on
+    `train_iter`. Corrupt steps newer than it are set aside (they will be written again);
+    when none is readable the run stops, unless `from_scratch` (then all are set aside)."""
+    try:
+        restored, corrupt = ckpt.restore_latest(abstract_like(state), train_iter.set_state)
+    except CheckpointError as e:
+        if not from_scratch:
+            raise CheckpointError(f"{e}. To train from step 0 anyway, run again with --from-scratch (the "
+                                  "unreadable checkpoints are moved to corrupt_checkpoints/), or use another "
+                                  "--run-dir") from None
+        if main:
+            ckpt.set_aside(ckpt.steps())
+        return None, state
+    if corrupt and main:
+        ckpt.set_aside([s for s, _ in corrupt])
+    if restored is None:
+        return None, state
+    return restored[0], restored[1]
+
+
+def _schedule_change_warning(old: Config | None, cfg: Config, step: int) -> None:
+    """Warn when a resume with another train.steps moves the learning rate under the run (the
+    schedule's horizon is train.steps)."""
+    if old is None or old.train.steps == cfg.train.steps:
+        return
+    before = float(learning_rate_schedule(old.optimizer, old.train.steps)(step))
+    after = float(learning_rate_schedule(cfg.optimizer, cfg.train.steps)(step))
+    if not math.isclose(before, after, rel_tol=1e-6, abs_tol=1e-12):
+        log.warning("train.steps changed from %d to %d: the %s schedule spans train.steps, so the learning rate "
+                    "at step %d moves from %.3g to %.3g and follows the new horizon from here",
+                    old.train.steps, cfg.train.steps, cfg.optimizer.schedule, step, before, after)
+
+
+def run(cfg: Config, run_dir: str | Path, *, from_scratch: bool = False) -> dict:
+    """Train `cfg` in `run_dir` (resuming it when it holds checkpoints); returns the summary.
+
+    Everything that can be checked is checked before the run directory is touched: the config
+    against the one the directory holds, the mesh, the data (sources, splits, first batches),
+    the model, and the checkpoint to resume from (after taking the directory's lock). Only then
+    are config.json, the tokenizer and the logs written.
+    from_scratch: when no checkpoint of the directory can be read, set them aside and start
+    from step 0 (without it, the run stops with CheckpointError).
+    """
     init_distributed(cfg.runtime)
     main = jax.process_index() == 0  # the process that writes logs, config and summary
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(run_dir, main)
+    log_buffer = _setup_logging(main)
     cfg = resolve(cfg)
-    _check_resume_config(run_dir, cfg)
-    if main:
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    old_cfg = _check_resume_config(run_dir, cfg)
     tc = cfg.train
     mesh = make_mesh(cfg.runtime)
     check_batch(cfg.data.batch_size, tc.grad_accum, mesh)
     log.info("run %s in %s on %s, jax %s, %d process(es), mesh %s", cfg.name, run_dir.absolute(),
              jax.devices()[0].device_kind, jax.__version__, jax.process_count(), describe_mesh(mesh))
+    if effective_warmup(cfg.optimizer, tc.steps) != cfg.optimizer.warmup_steps:
+        log.warning("optimizer.warmup_steps=%d is longer than train.steps=%d: warming up over %d steps "
+                    "(train.steps // 10) instead", cfg.optimizer.warmup_steps, tc.steps,
+                    effective_warmup(cfg.optimizer, tc.steps))
 
+    # The data first: a bad path or an empty split fails here, before seconds of model building.
     tokenizer = get_tokenizer(cfg.data)
-    if main:
-        tokenizer.save(run_dir)
+    train_iter = make_train_iterator(cfg.data, seed=tc.seed)
+    host_eval_batches = make_eval_batches(cfg.data, tc.eval_batches)
+    unigram = unigram_bits_per_byte(cfg.data)
+
     tx, schedule = make_optimizer(cfg.optimizer, tc.steps)
     graphdef, state, notes = create_state(
         lambda: init_state(models.build(cfg.model, cfg.runtime, seed=tc.seed), tx, tc.seed), tx, mesh)
@@ -169,20 +254,45 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
     flops_total = sum(flops.values())
     log.info("training FLOPs/token: %.3g (%s)", flops_total,
              ", ".join(f"{k} {v / flops_total:.0%}" for k, v in flops.items()))
-
     del model
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
-    train_iter = make_train_iterator(cfg.data, seed=tc.seed)
-    restored = ckpt.restore_latest(abstract_like(state))
-    if restored is not None:
-        step0, state, data_state = restored
-        train_iter.set_state(data_state)
-        log.info("resumed from checkpoint step %d", step0)
-    elif tc.init_from:
-        state["params"] = _warm_start(tc.init_from, graphdef, state["params"])
+
+    with RunLock(run_dir) if main else contextlib.nullcontext():
+        ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
+        try:
+            restored_step, state = _restore(ckpt, state, train_iter, from_scratch=from_scratch, main=main)
+        except BaseException:
+            ckpt.close()
+            raise
+        if restored_step is not None and restored_step >= tc.steps:
+            ckpt.close()
+            if restored_step > tc.steps:
+                raise ConfigError(f"{run_dir} is already trained to step {restored_step}, past train.steps="
+                                  f"{tc.steps}: for a shorter run use another --run-dir; to continue, raise train.steps")
+            log.info("%s is finished (step %d of train.steps=%d): nothing to train", run_dir, restored_step, tc.steps)
+            return {"step": restored_step, "already_finished": True}
+        if restored_step is not None:
+            log.info("resumed from checkpoint step %d", restored_step)
+            _schedule_change_warning(old_cfg, cfg, restored_step)
+        elif tc.init_from:
+            state["params"] = _warm_start(tc.init_from, graphdef, state["params"])
+
+        # The run is valid: from here on the run directory is written.
+        if main:
+            _log_to_file(run_dir, log_buffer)
+            _write_atomic(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+            tokenizer.save(run_dir)
+        return _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_eval_batches, mesh,
+                      tokenizer=tokenizer, unigram=unigram, restored=restored_step is not None, main=main,
+                      n_params=n_params, flops_total=flops_total)
+
+
+def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_eval_batches, mesh, *,
+           tokenizer, unigram, restored, main, n_params, flops_total) -> dict:
+    """The training loop proper, from the state's step to train.steps; closes `ckpt` (waiting
+    for its last save) before the logger, so a logging failure never skips a pending save."""
+    tc = cfg.train
     step = start_step = int(state["step"])
-    eval_batches = [place_batch(b, mesh) for b in make_eval_batches(cfg.data, tc.eval_batches)]
-    unigram = unigram_bits_per_byte(cfg.data)
+    eval_batches = [place_batch(b, mesh) for b in host_eval_batches]
     if unigram is not None:
         log.info("baseline: the training split's unigram entropy is %.3f bits/byte", unigram)
     is_text = cfg.data.source != "mqar"
@@ -194,8 +304,8 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
     log.info("MFU peak: %.3g FLOP/s per device (%s)", peak, peak_src)
     # Simulated CPU devices share the host's cores: the measured CPU peak is per process.
     meter = Throughput(flops_total, peak, jax.process_count() if jax.default_backend() == "cpu" else mesh.size)
-    logger = RunLogger(run_dir, tc.steps, step, main=main)
-    last_saved = step if restored is not None else None
+    logger = None
+    last_saved = step if restored else None
     summary: dict = {}
 
     def save(at: int) -> None:
@@ -205,20 +315,27 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
             last_saved = at
 
     try:
+        logger = RunLogger(run_dir, tc.steps, step, main=main)
         with _StopSignal() as stop, use_mesh(mesh):
             t_start = time.perf_counter()
             while step < tc.steps:
                 batch = place_batch(next(train_iter), mesh)
                 state, m = train_step(state, batch)
                 m = jax.device_get(m)
+                ckpt.poll()  # a failed background save stops the run here, one step after it failed
                 if not bool(m["finite"]):
                     ckpt.wait()
                     good = ckpt.steps()
+                    loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+                    if math.isfinite(loss) and math.isfinite(gnorm):  # then the update broke the params
+                        what = (f"the update made the parameters non-finite (loss={loss:.4g}, grad_norm={gnorm:.4g}, "
+                                f"lr={float(m['lr']):.3g})")
+                    else:
+                        what = f"loss={loss} grad_norm={gnorm} is not finite"
                     raise NonFiniteError(
-                        f"step {step + 1}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not "
-                        f"finite; the run stopped without applying this update. Last good checkpoint: "
-                        f"{f'step {good[-1]} in {ckpt.directory}' if good else 'none'}. Lower optimizer.lr, "
-                        "set optimizer.grad_clip, or use runtime.compute_dtype=float32.")
+                        f"step {step + 1}: {what}; the run stopped without applying this update. Last good "
+                        f"checkpoint: {f'step {good[-1]} in {ckpt.directory}' if good else 'none'}. Lower "
+                        "optimizer.lr, set optimizer.grad_clip, or use runtime.compute_dtype=float32.")
                 step += 1
                 meter.add(int(batch["inputs"].size))
                 first = step == start_step + 1
@@ -245,18 +362,23 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
                 if stop.received is not None:
                     log.info("signal %d received: saving checkpoint at step %d and exiting", stop.received, step)
                     save(step)
+                    ckpt.wait()
                     summary = {"stopped_by_signal": int(stop.received), "step": step}
                     return summary
             train_time = time.perf_counter() - t_start
             save(step)
             ev = evaluate(eval_step, state["params"], eval_batches, token_bytes, text=is_text)
+            ckpt.wait()  # the final checkpoint is on disk before the run reports success
             logger.write("eval", step, ev)
             logger.console_line("eval", step, ev, ("loss", "bits_per_byte", "perplexity", "accuracy"))
             summary = {"step": step, "eval": ev, "unigram_bits_per_byte": unigram, "train_seconds": train_time,
                        "params": n_params, "flops_per_token": flops_total}
             if main:
-                (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             return summary
     finally:
-        logger.close()
-        ckpt.close()
+        try:
+            ckpt.close()
+        finally:
+            if logger is not None:
+                logger.close()

@@ -7,15 +7,21 @@ import optax
 from train.config import OptimizerConfig
 
 
+def effective_warmup(cfg: OptimizerConfig, total_steps: int) -> int:
+    """The warmup length the schedule uses: cfg.warmup_steps, or total_steps // 10 when
+    warmup_steps exceeds the run (a short run of a preset)."""
+    return cfg.warmup_steps if cfg.warmup_steps <= total_steps else total_steps // 10
+
+
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to cfg.lr over warmup_steps, then:
+    """Linear warmup from 0 to cfg.lr over effective_warmup(cfg, total_steps) steps, then:
 
     cosine    cosine decay to min_lr_ratio * lr at total_steps
     wsd       constant lr, then linear decay to min_lr_ratio * lr over the last
               decay_fraction of total_steps (warmup-stable-decay, MiniCPM)
     constant  lr
     """
-    warm = cfg.warmup_steps
+    warm = effective_warmup(cfg, total_steps)
     rest = max(total_steps - warm, 1)
     end = cfg.lr * cfg.min_lr_ratio
     warmup = optax.linear_schedule(0.0, cfg.lr, warm) if warm else None

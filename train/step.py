@@ -49,8 +49,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     loss is divided by the token count of the whole batch, so the result equals one big batch.
     Micro-batch i takes rows i, i + A, i + 2A, ...: with the batch split by rows over devices,
     each device then holds its own share of every micro-batch and no rows move.
-    A step whose loss or gradient norm is not finite leaves params and optimizer state unchanged
-    and reports `finite = False` (the loop then stops the run).
+    A step whose loss, gradient norm or new parameters are not finite leaves params and
+    optimizer state unchanged and reports `finite = False` (the loop then stops the run). The
+    params are checked because finite gradients can still give a broken update (a NaN learning
+    rate, eps = 0 with a zero second moment, an overflow).
     """
     def micro_loss(params, micro, normalizer):
         logits = _forward(graphdef, params, micro)
@@ -77,9 +79,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
             aux0 = {"ce_sum": z, "tokens": z, "correct": z}
             (grads, loss, aux), _ = jax.lax.scan(body, (zeros, z, aux0), micro)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new_params)]))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, state["opt_state"]),
                      "step": state["step"] + finite.astype(jnp.int32), "rng": state["rng"]}

@@ -1,4 +1,6 @@
 import json
+from pathlib import Path
+import re
 
 import pytest
 
@@ -35,11 +37,58 @@ def test_overrides_apply_and_parse_types():
     ("model.mixers.nope.window=3", "no mixer named 'nope'"),
     ("train.grad_accum=3", "must divide data.batch_size"),
     ("runtime.attention_block_q=100", "power of two"),
-    ("optimizer.warmup_steps=100000", "optimizer.warmup_steps"),
+    ("optimizer.warmup_steps=-1", "optimizer.warmup_steps must be >= 0"),
     ("steps", "must look like key.path=value"),
 ])
 def test_bad_overrides_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
+        apply_overrides(load_config("tiny"), [override])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lr", "NaN"), ("lr", "Infinity"), ("lr", "0"), ("lr", "-1"),
+    ("b1", "1.0"), ("b1", "-0.1"), ("b2", "1.0"),
+    ("eps", "0"), ("eps", "NaN"),
+    ("weight_decay", "-1"), ("weight_decay", "NaN"),
+    ("grad_clip", "0"), ("grad_clip", "inf"), ("grad_clip", "Infinity"),
+    ("min_lr_ratio", "1.5"), ("decay_fraction", "0"), ("warmup_steps", "-1"),
+])
+def test_bad_optimizer_values_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"^optimizer\.{field} must be "):
+        apply_overrides(load_config("tiny"), [f"optimizer.{field}={value}"])
+
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_bad_train_steps_name_train_steps(steps):
+    with pytest.raises(ConfigError, match=rf"^train\.steps must be >= 1, got {steps}$"):
+        apply_overrides(load_config("tiny"), [f"train.steps={steps}"])
+
+
+def test_short_run_of_a_preset_keeps_its_longer_warmup():
+    cfg = apply_overrides(load_config("tiny"), ["train.steps=20"])
+    assert cfg.optimizer.warmup_steps > cfg.train.steps
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.paths=a.txt"], "data.paths is set but data.source='stdlib'; add data.source=files (or drop data.paths)"),
+    (["data.source=mqar", "data.paths=a.txt"], "data.paths is set but data.source='mqar'"),
+    (["data.tfds_name=imdb_reviews"],
+     "data.tfds_name is set but data.source='stdlib'; add data.source=tfds (or drop data.tfds_name)"),
+    (["data.source=files", "data.paths=a.txt", "data.tfds_data_dir=/tmp"], "data.tfds_data_dir is set but data.source='files'"),
+])
+def test_data_fields_of_another_source_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        apply_overrides(load_config("tiny"), overrides)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("runtime.attention_impl=flash",
+     "runtime.attention_impl: 'flash' is not accepted; choose one of ['xla', 'reference', 'block_sparse'] or null"),
+    ("model.vocab_size=x", "model.vocab_size: expected an int or null, got 'x'"),
+    ("optimizer.grad_clip=abc", "optimizer.grad_clip: expected a float or null, got 'abc'"),
+])
+def test_union_errors_list_what_each_arm_accepts(override, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
         apply_overrides(load_config("tiny"), [override])
 
 
@@ -63,17 +112,30 @@ def test_data_checks():
         Config(data=DataConfig(source="files"))
     with pytest.raises(ConfigError, match="tfds_name"):
         Config(data=DataConfig(source="tfds"))
+    with pytest.raises(ConfigError, match="data.paths is set"):
+        Config(data=DataConfig(paths=("a.txt",)))
 
 
 def test_cli_config_sources(tmp_path):
-    cfg, run_dir = parse_args(["--config", "tiny", "train.steps=3", "optimizer.warmup_steps=1"])
-    assert cfg.train.steps == 3 and str(run_dir) == "runs/tiny"
+    cfg, run_dir, from_scratch = parse_args(["--config", "tiny", "train.steps=3", "optimizer.warmup_steps=1"])
+    assert cfg.train.steps == 3 and str(run_dir) == "runs/tiny" and not from_scratch
     py = tmp_path / "mine.py"
     py.write_text("from train.config import Config\ndef config():\n    return Config(name='mine')\n")
     assert load_config(str(py)).name == "mine"
     js = tmp_path / "config.json"
     js.write_text(json.dumps(to_dict(cfg)))
     assert load_config(str(js)) == cfg
+    # a run's own config.json continues that run: its directory is the default --run-dir
+    assert parse_args(["--config", str(js)])[1] == tmp_path
+    assert parse_args(["--config", str(js), "--run-dir", "elsewhere"])[1] == Path("elsewhere")
+    bad = tmp_path / "bad" / "config.json"
+    bad.parent.mkdir()
+    bad.write_text('{"train": {"steps": 3,}}')
+    with pytest.raises(ConfigError, match=r"config.json is not valid JSON \(line 1, column 23"):
+        load_config(str(bad))
+    bad.write_text('[1, 2]')
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        load_config(str(bad))
     with pytest.raises(ConfigError, match="did you mean 'tiny'"):
         load_config("tiyn")
     with pytest.raises(ConfigError, match="no such file"):

@@ -4,7 +4,7 @@ import pytest
 
 import models
 from train.config import ModelConfig, OptimizerConfig, RuntimeConfig
-from train.optim import _decay_mask, learning_rate_schedule
+from train.optim import _decay_mask, effective_warmup, learning_rate_schedule, make_optimizer
 from flax import nnx
 
 
@@ -17,6 +17,15 @@ def test_schedules(kind, at, want):
     f = learning_rate_schedule(OptimizerConfig(lr=1.0, schedule=kind, warmup_steps=10, min_lr_ratio=0.1,
                                                decay_fraction=0.2), 100)
     np.testing.assert_allclose([float(f(s)) for s in at], want, atol=1e-6)
+
+
+def test_warmup_longer_than_the_run_shrinks_to_a_tenth():
+    cfg = OptimizerConfig(lr=1.0, warmup_steps=50)
+    assert effective_warmup(cfg, 20) == 2
+    assert effective_warmup(cfg, 50) == 50 and effective_warmup(cfg, 1000) == 50
+    for f in (learning_rate_schedule(cfg, 20), make_optimizer(cfg, 20)[1]):
+        np.testing.assert_allclose([float(f(s)) for s in (0, 1, 2)], [0.0, 0.5, 1.0], atol=1e-6)
+        assert float(f(3)) < 1.0
 
 
 def test_weight_decay_only_on_matrices_even_when_stacked():

@@ -4,16 +4,30 @@ A document source hands the pipeline a `DocSplit` per split: a random-access seq
 records plus `to_tokens(record) -> int32 [n]`. In-memory sources (stdlib, files) tokenize once
 at load and store every document of a split in one flat array (`TokenDocs`); lazy sources
 (tfds) keep their records and tokenize inside the grain map.
+
+In-memory corpora are split by a hash of each document's name; when that leaves a split empty
+(a corpus of one or a few documents), each document is cut instead: its last `val_fraction`
+share of tokens is validation (see `tokenized_corpus`).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from train.config import ConfigError
 from train.data.tokenizer import Tokenizer
+
+log = logging.getLogger("chimera.data")
+
+# val_fraction above this means "every document is validation" (how `train.eval --all-documents`
+# asks for all of them, since the config refuses 1.0): an empty train split is then intended.
+ALL_VALIDATION = 1.0 - 1e-6
+# A document cut in two gives each side at least this many tokens: one input and its target.
+MIN_PIECE = 2
 
 __all__ = ["TokenDocs", "TokenPieces", "DocSplit", "Corpus", "is_validation", "tokenized_corpus"]
 
@@ -89,7 +103,8 @@ class DocSplit:
     records: random-access sequence (len, [i]) of whatever the source stores.
     to_tokens: record -> int32 [n] token ids; runs inside the grain map (lazily).
     num_tokens / num_bytes: totals when known at load time (None for lazy sources).
-    keys: the split key of each record (its file path, `path:line`, ...), when known.
+    keys: the split key of each record (its file path, `path:line`, ...), when known; a document
+      cut between the splits has keys `key[:i]` (train) and `key[i:]` (validation), i in tokens.
     """
     source: str
     split: str
@@ -122,25 +137,72 @@ def is_validation(key: str, val_fraction: float) -> bool:
     return h / 2.0**64 < val_fraction
 
 
+def held_out_tokens(n: int, val_fraction: float) -> int:
+    """Tokens at the end of an n-token document that go to validation when documents are cut:
+    the `val_fraction` share, rounded, but at least MIN_PIECE and leaving MIN_PIECE for train;
+    0 when the document is too short to give both sides MIN_PIECE."""
+    if n < 2 * MIN_PIECE:
+        return 0
+    return min(max(round(n * val_fraction), MIN_PIECE), n - MIN_PIECE)
+
+
+def _doc_split(source: str, split: str, docs: Sequence[tuple[str, np.ndarray, int]]) -> DocSplit:
+    """DocSplit of (key, tokens, num_bytes) documents."""
+    flat = TokenDocs.from_arrays([t for _, t, _ in docs])
+    return DocSplit(source, split, flat, num_tokens=flat.num_tokens, num_bytes=sum(b for _, _, b in docs),
+                    keys=tuple(k for k, _, _ in docs))
+
+
+def _cut_documents(source: str, docs: Sequence[tuple[str, np.ndarray, int]], val_fraction: float,
+                   empty: str) -> Corpus:
+    """Split inside the documents: the last `held_out_tokens` of each go to validation.
+
+    Only for corpora whose hash split left the `empty` split empty. Documents too short to cut
+    stay whole in train. Raises ConfigError when nothing can be held out at all.
+    """
+    train, val = [], []
+    for key, tokens, nbytes in docs:
+        held = held_out_tokens(len(tokens), val_fraction)
+        if held == 0:
+            train.append((key, tokens, nbytes))
+            continue
+        cut = len(tokens) - held
+        # Bytes are apportioned by token share: which bytes each token stands for is not kept here.
+        val_bytes = round(nbytes * held / len(tokens))
+        train.append((f"{key}[:{cut}]", tokens[:cut], nbytes - val_bytes))
+        val.append((f"{key}[{cut}:]", tokens[cut:], val_bytes))
+    total = sum(len(t) for _, t, _ in docs)
+    n = f"{len(docs)} document{'s' if len(docs) != 1 else ''}"
+    if not val:
+        raise ConfigError(f"data.source={source!r}: too little text for a train and a validation split "
+                          f"({n}, first {docs[0][0]}, {total} tokens; a document needs >= {2 * MIN_PIECE} "
+                          f"tokens to be cut in two); give more or longer documents")
+    log.warning("data.source=%r: the split by document name leaves %s empty (%s, data.val_fraction=%g); "
+                "validation is the last %g%% of each document's tokens instead (%d of %d tokens)",
+                source, empty, n, val_fraction, 100 * val_fraction, sum(len(t) for _, t, _ in val), total)
+    return Corpus(train=_doc_split(source, "train", train), validation=_doc_split(source, "validation", val))
+
+
 def tokenized_corpus(source: str, keyed_texts: Sequence[tuple[str, str]], tokenizer: Tokenizer,
                      val_fraction: float) -> Corpus:
     """Tokenize (key, text) documents once and split them by `is_validation(key)`.
 
-    Documents that tokenize to nothing are dropped: they would only add empty segments.
+    When that leaves train or validation empty (one document, or a few that all hash to one
+    side), every document is cut instead (`_cut_documents`) and a warning says so. An empty
+    train split is kept when val_fraction > ALL_VALIDATION (every document asked for as
+    validation). Documents that tokenize to nothing are dropped: they would only add empty
+    segments.
     """
     keys = [k for k, _ in keyed_texts]
     texts = [t for _, t in keyed_texts]
     tokens = tokenizer.encode_batch(texts) if texts else []
-    nbytes = [len(t.encode("utf-8")) for t in texts]
-    parts: dict[str, list[int]] = {"train": [], "validation": []}
-    for i, key in enumerate(keys):
-        if len(tokens[i]):
-            parts["validation" if is_validation(key, val_fraction) else "train"].append(i)
-
-    def make(split: str) -> DocSplit:
-        idx = parts[split]
-        docs = TokenDocs.from_arrays([tokens[i] for i in idx])
-        return DocSplit(source, split, docs, num_tokens=docs.num_tokens, num_bytes=sum(nbytes[i] for i in idx),
-                        keys=tuple(keys[i] for i in idx))
-
-    return Corpus(train=make("train"), validation=make("validation"))
+    docs = [(key, toks, len(text.encode("utf-8"))) for key, toks, text in zip(keys, tokens, texts) if len(toks)]
+    val = [is_validation(key, val_fraction) for key, _, _ in docs]
+    train_docs = [d for d, v in zip(docs, val) if not v]
+    val_docs = [d for d, v in zip(docs, val) if v]
+    if docs and not val_docs:
+        return _cut_documents(source, docs, val_fraction, "validation")
+    if docs and not train_docs and val_fraction <= ALL_VALIDATION:
+        return _cut_documents(source, docs, val_fraction, "train")
+    return Corpus(train=_doc_split(source, "train", train_docs),
+                  validation=_doc_split(source, "validation", val_docs))

@@ -6,18 +6,69 @@ Each `data.paths` entry is
   a directory        every .txt / .jsonl file below it, recursively, sorted by relative path
 Documents keep the order of `data.paths`. Each gets a key for the hash split: the file's name
 (or its path relative to the listed directory), plus `:line` for JSONL lines.
+
+Files are read as UTF-8. One that looks binary (a NUL byte in its first BINARY_SNIFF bytes) is
+skipped; one that is not valid UTF-8 is kept with its bad bytes replaced by U+FFFD. Either is
+counted and reported in one warning per kind once all files are read.
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from train.config import ConfigError
 
-__all__ = ["file_texts", "EXTENSIONS"]
+__all__ = ["file_texts", "decode_text", "Problem", "EXTENSIONS", "BINARY_SNIFF"]
+
+log = logging.getLogger("chimera.data")
 
 EXTENSIONS = (".txt", ".jsonl")
+# Text files never hold NUL bytes; binary formats (and UTF-16 text) almost always do early on.
+BINARY_SNIFF = 8192
+
+
+class Problem(NamedTuple):
+    """What was wrong with a file's bytes. kind: "binary" (offset of the first NUL byte) or
+    "utf-8" (offset of the first byte that is not valid UTF-8)."""
+    kind: str
+    offset: int
+
+
+def decode_text(data: bytes) -> tuple[str | None, Problem | None]:
+    """A file's bytes -> (text, problem).
+
+    Binary (a NUL byte in the first BINARY_SNIFF bytes): (None, Problem("binary", offset)).
+    Not valid UTF-8: the text with U+FFFD for the bad bytes, Problem("utf-8", offset).
+    Line ends are translated as `open()` reads text (\r\n and \r become \n).
+    """
+    nul = data.find(b"\0", 0, BINARY_SNIFF)
+    if nul >= 0:
+        return None, Problem("binary", nul)
+    problem = None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text, problem = data.decode("utf-8", errors="replace"), Problem("utf-8", e.start)
+    return text.replace("\r\n", "\n").replace("\r", "\n"), problem
+
+
+def _problem_warnings(problems: list[tuple[Path, Problem]]) -> list[str]:
+    """One line per kind of problem: how many files and the first one."""
+    lines = []
+    bad = [(path, p) for path, p in problems if p.kind == "utf-8"]
+    if bad:
+        verb = "file is" if len(bad) == 1 else "files are"
+        lines.append(f"data.paths: {len(bad)} {verb} not valid UTF-8 (first: {bad[0][0]}, byte {bad[0][1].offset}); "
+                     f"bad bytes were replaced with U+FFFD")
+    binary = [(path, p) for path, p in problems if p.kind == "binary"]
+    if binary:
+        noun = "file" if len(binary) == 1 else "files"
+        lines.append(f"data.paths: {len(binary)} binary {noun} skipped "
+                     f"(first: {binary[0][0]}: NUL byte at offset {binary[0][1].offset})")
+    return lines
 
 
 def _list_files(entry: str, i: int) -> list[tuple[str, Path]]:
@@ -37,24 +88,26 @@ def _list_files(entry: str, i: int) -> list[tuple[str, Path]]:
     return [(path.name, path)]
 
 
-def _jsonl_texts(key: str, path: Path, text_key: str) -> list[tuple[str, str]]:
+def _jsonl_texts(key: str, path: Path, content: str, text_key: str) -> list[tuple[str, str]]:
+    """[(key:line, text)] for the non-blank lines of a JSONL file's content."""
     out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"data.paths: {where} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or text_key not in obj:
-                have = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise ConfigError(f"data.text_key={text_key!r} is missing at {where}; the line has {have}")
-            text = obj[text_key]
-            if not isinstance(text, str):
-                raise ConfigError(f"data.text_key={text_key!r} at {where} is a {type(text).__name__}, not a string")
-            out.append((f"{key}:{lineno}", text))
+    # Iterating a StringIO splits on "\n" only, as iterating the open file did: str.splitlines
+    # would also split on U+2028 and friends, which JSON strings may hold unescaped.
+    for lineno, line in enumerate(io.StringIO(content), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"data.paths: {where} is not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or text_key not in obj:
+            have = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ConfigError(f"data.text_key={text_key!r} is missing at {where}; the line has {have}")
+        text = obj[text_key]
+        if not isinstance(text, str):
+            raise ConfigError(f"data.text_key={text_key!r} at {where} is a {type(text).__name__}, not a string")
+        out.append((f"{key}:{lineno}", text))
     return out
 
 
@@ -63,12 +116,25 @@ def file_texts(paths: Sequence[str], text_key: str) -> list[tuple[str, str]]:
     if not paths:
         raise ConfigError("data.source='files' needs data.paths (.txt / .jsonl files or directories)")
     docs: list[tuple[str, str]] = []
+    problems: list[tuple[Path, Problem]] = []
     for i, entry in enumerate(paths):
         for key, path in _list_files(entry, i):
+            content, problem = decode_text(path.read_bytes())
+            if problem is not None:
+                problems.append((path, problem))
+            if content is None:
+                continue
             if path.suffix == ".jsonl":
-                docs.extend(_jsonl_texts(key, path, text_key))
+                docs.extend(_jsonl_texts(key, path, content, text_key))
             else:
-                docs.append((key, path.read_text(encoding="utf-8", errors="replace")))
+                docs.append((key, content))
+    binary = [(path, p) for path, p in problems if p.kind == "binary"]
+    if not docs and binary:
+        path, p = binary[0]
+        raise ConfigError(f"data.paths={list(paths)} hold no text documents: {len(binary)} binary file(s) "
+                          f"skipped (first: {path}: NUL byte at offset {p.offset}); give UTF-8 .txt / .jsonl files")
     if not docs:
         raise ConfigError(f"data.paths={list(paths)} hold no documents (only empty .jsonl files?)")
+    for line in _problem_warnings(problems):
+        log.warning(line)
     return docs
