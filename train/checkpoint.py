@@ -16,9 +16,13 @@ What can go wrong, and what happens (nothing here ever deletes or replaces a rea
   aside (moves to RUN_DIR/corrupt_checkpoints/) only corrupt steps newer than the one it
   resumes from, since it will write those steps again. When no readable checkpoint is left,
   `CheckpointError` is raised and nothing is moved; starting over is the user's decision.
-- A failed save (full disk, ...): `CheckpointError` naming the step and the cause in one line,
-  reported by the first `poll()` after the background write fails; the partial temporary
+- A failure of the reader rather than of the files (out of memory, a denied permission, a
+  storage service that is down): `CheckpointError` at once; no step is skipped or moved.
+- A failed save (full disk, ...): `CheckpointSaveError` naming the step and the cause in one
+  line, reported by the first `poll()` after the background write fails; the partial temporary
   directory is removed.
+- A checkpoint written before fingerprints were recorded (no `meta`) is restored unverified,
+  with a warning.
 
 Fingerprint: per array, two sums over its 32-bit words w_i with odd weights, modulo 2^32
 (sum w_i (2i + 1) and sum rotl(w_i, 13) (i * 0x9E3779B1 | 1)), computed on device at save and
@@ -29,7 +33,6 @@ verifies nothing of the values it reads.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import shutil
 import sys
@@ -55,8 +58,22 @@ class CheckpointMismatch(ConfigError):
     """The checkpoint is readable but belongs to another model, optimizer or data config."""
 
 
+class NoReadableCheckpoint(CheckpointError):
+    """Checkpoints exist, but every one of them is corrupt."""
+
+
 class _Corrupt(Exception):
     """One checkpoint step cannot be used; restore_latest tries an older one."""
+
+
+# Failures of the reader, not of the files: out of memory, no permission, a storage service that
+# is down or slow. Such a step is not corrupt; the restore stops instead of skipping it.
+_NOT_THE_FILES = ("RESOURCE_EXHAUSTED", "Out of memory", "UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED",
+                  "Permission denied")
+
+
+def _not_the_files(e: BaseException) -> bool:
+    return isinstance(e, (MemoryError, PermissionError)) or any(t in str(e) for t in _NOT_THE_FILES)
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
@@ -88,17 +105,26 @@ def _named_leaves(tree: Any) -> dict[str, Any]:
 
 
 def _words(x: jax.Array) -> jax.Array:
-    """The array's bits as uint32 words (flat)."""
-    x = x.reshape(-1)
+    """The array's bits as uint32 words, in x's own shape (plus a trailing 2 for 8-byte types):
+    elementwise, so a sharded array stays sharded."""
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
     size = x.dtype.itemsize
-    if size == 4:
+    if size in (4, 8):
         return jax.lax.bitcast_convert_type(x, jnp.uint32)
-    if size == 8:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
     unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """uint32 row-major position of every element (mod 2^32), built from per-axis iotas rather
+    than a reshape, which would gather a sharded array onto every device."""
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    return index
 
 
 @jax.jit
@@ -106,7 +132,7 @@ def _fingerprint_arrays(arrays: list[jax.Array]) -> jax.Array:
     out = []
     for x in arrays:
         w = _words(x)
-        i = jnp.arange(w.shape[0], dtype=jnp.uint32)
+        i = _flat_index(w.shape)
         rot = (w << 13) | (w >> 19)
         out.append(jnp.stack([jnp.sum(w * (2 * i + 1), dtype=jnp.uint32),
                               jnp.sum(rot * ((i * jnp.uint32(0x9E3779B1)) | 1), dtype=jnp.uint32)]))
@@ -140,36 +166,29 @@ def tree_differences(saved: dict[str, Any], wanted: dict[str, Any], limit: int =
 
 # ----------------------------------------------------------------------------- checkpointer
 
-class _QuietOrbaxErrors(logging.Filter):
-    """Orbax logs every failed background write from each of its threads with a full traceback
-    (hundreds of lines for one full disk). The Checkpointer reports each failure itself, in one
-    line naming the step and the cause, so those records are dropped (and the notices that a
-    reader's directory is read only, which it asked for)."""
+class _QuietFailedSaves(logging.Filter):
+    """A failed save is logged by orbax from each of its threads with a full traceback, and by
+    asyncio for each abandoned write future (hundreds of lines for one full disk). `poll`
+    reports it in one line naming the step and the cause, so records about a save's temporary
+    directory are dropped; so are orbax's notices that a reader's directory is read only, which
+    the reader asked for. Everything else passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "orbax" not in record.pathname:
-            return True
-        if record.levelno >= logging.ERROR:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        if _TMP_SUFFIX in text:
             return False
-        return "read only" not in record.getMessage()  # a reader's read_only=True, as asked
+        return not ("orbax" in record.pathname and "read only" in text)
 
 
-_QUIET = _QuietOrbaxErrors()
+_QUIET = _QuietFailedSaves()
 
 
-class _QuietFailedWrites(logging.Filter):
-    """After a failed save, asyncio reports each of orbax's abandoned write futures ("exception
-    was never retrieved", with a traceback) when they are collected: the same failure again."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return _TMP_SUFFIX not in record.getMessage()
-
-
-def _silence_failed_save_aftermath() -> None:
-    """When a save fails, tensorstore's callbacks for the writes still in flight hit orbax's
-    closed event loop and Python prints each as an unraisable exception ("Event loop is
-    closed"), and asyncio logs the abandoned futures. Both repeat the failure that `poll`
-    reports in one line, in hundreds of lines, so they are dropped; anything else passes."""
+def _quiet_failed_saves() -> None:
+    """Install _QUIET (once), and drop the unraisable "Event loop is closed" errors that
+    tensorstore's callbacks for the writes still in flight raise against orbax's closed event
+    loop after a failed save (Python prints each with a traceback)."""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_QUIET)  # the same object: added once
     previous = sys.unraisablehook
     if getattr(previous, "_chimera", False):
         return
@@ -181,7 +200,6 @@ def _silence_failed_save_aftermath() -> None:
 
     hook._chimera = True
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_QuietFailedWrites())  # once, with the hook
 
 
 class Checkpointer:
@@ -196,8 +214,7 @@ class Checkpointer:
                  read_only: bool = False):
         self.directory = Path(directory).absolute()
         self.read_only = read_only
-        logging.getLogger("absl").addFilter(_QUIET)  # the same object: added once
-        _silence_failed_save_aftermath()
+        _quiet_failed_saves()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
             save_interval_steps=0 if read_only else 1,
@@ -210,6 +227,7 @@ class Checkpointer:
                     "meta": ocp.JsonCheckpointHandler()}
         self.manager = _listing(lambda: ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers))
         self._pending: int | None = None  # step of a save that may still be writing
+        self._closed = False
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -255,7 +273,11 @@ class Checkpointer:
         self.poll(block=True)
 
     def close(self) -> None:
-        """Wait for a pending save (raising CheckpointError if it failed), then release orbax."""
+        """Wait for a pending save (raising CheckpointError if it failed), then release orbax.
+        Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.poll(block=True)
         finally:
@@ -284,6 +306,9 @@ class Checkpointer:
             saved = self.manager.item_metadata(step)["state"]
             saved = getattr(saved, "tree", saved)
         except Exception as e:  # noqa: BLE001 - unreadable metadata is a corrupt step
+            if _not_the_files(e):
+                raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read now "
+                                      f"({_first_line(e)}); nothing was moved") from e
             raise _Corrupt(f"metadata: {_first_line(e)}") from None
         if saved is None:
             raise _Corrupt("its state metadata is missing")
@@ -292,20 +317,31 @@ class Checkpointer:
             raise CheckpointMismatch(
                 f"checkpoint step {step} in {self.directory} holds another model or optimizer ({'; '.join(diff)}); "
                 "use the run's own settings (its config.json) or another --run-dir")
+        # Checkpoints written before fingerprints existed have no `meta`: read, but unverified.
+        verified = (self.directory / str(step) / "meta").is_dir()
+        items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
+        if verified:
+            items["meta"] = ocp.args.JsonRestore()
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore()))
-        except Exception as e:  # noqa: BLE001 - unreadable files
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - sorted below
+            if _not_the_files(e):
+                raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read now "
+                                      f"({_first_line(e)}); nothing was moved") from e
             raise _Corrupt(_first_line(e)) from None
-        state, data, meta = restored["state"], restored["data"], restored["meta"]
-        if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
-            raise _Corrupt("its fingerprint record (meta) is missing or malformed")
-        want, got = meta.get("fingerprint", {}), fingerprint(state)
-        bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-        if bad:
-            raise _Corrupt(f"fingerprint mismatch in {len(bad)} array(s), first {bad[0]}: the files changed "
-                           "after they were written")
+        state, data = restored["state"], restored["data"]
+        if verified:
+            meta = restored["meta"]
+            if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+                raise _Corrupt("its fingerprint record (meta) is malformed")
+            want, got = meta.get("fingerprint", {}), fingerprint(state)
+            bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+            if bad:
+                raise _Corrupt(f"fingerprint mismatch in {len(bad)} array(s), first {bad[0]}: the files changed "
+                               "after they were written")
+        else:
+            log.warning("checkpoint step %d in %s has no fingerprint (written before Chimera recorded them): "
+                        "restored unverified", step, self.directory)
         if check_data is not None:
             try:
                 check_data(data)
@@ -319,7 +355,8 @@ class Checkpointer:
                        ) -> tuple[tuple[int, Any, dict] | None, list[tuple[int, str]]]:
         """(restore of the newest usable checkpoint or None when there is none, [(corrupt step,
         why)] of the newer steps that were skipped). Raises CheckpointMismatch at the first
-        incompatible step and CheckpointError when steps exist but none is readable; moves nothing.
+        incompatible step, NoReadableCheckpoint when steps exist but none is readable, and
+        CheckpointError when one cannot be read for a reason that is not its files; moves nothing.
         """
         corrupt: list[tuple[int, str]] = []
         seen: set[int] = set()
@@ -341,13 +378,15 @@ class Checkpointer:
                 corrupt.append((step, str(e)))
         if corrupt:
             detail = "; ".join(f"step {s}: {why}" for s, why in corrupt)
-            raise CheckpointError(f"no checkpoint in {self.directory} can be read ({detail}); nothing was moved")
+            raise NoReadableCheckpoint(f"no checkpoint in {self.directory} can be read ({detail}); nothing was moved")
         return None, []
 
     def set_aside(self, steps: list[int]) -> list[Path]:
         """Move these step directories to RUN_DIR/corrupt_checkpoints/<step>-<time> (kept for
         inspection, out of the way of the steps that will be written again)."""
         assert not self.read_only
+        if not steps:
+            return []
         moved = []
         for step in steps:
             aside = self.directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"

@@ -61,9 +61,10 @@ def load_config(spec: str) -> Config:
 
 
 def default_run_dir(spec: str, cfg: Config) -> Path:
-    """runs/<config name>, except for a run's own config.json: its directory (continue that run)."""
+    """runs/<config name>, except for the config.json of a run directory (one that holds
+    checkpoints/ or train.log beside it): that directory, so the run continues."""
     path = Path(spec)
-    if spec.endswith(".json") and path.name == "config.json":
+    if path.name == "config.json" and ((path.parent / "checkpoints").is_dir() or (path.parent / "train.log").is_file()):
         return path.parent
     return Path("runs") / cfg.name
 

@@ -30,13 +30,23 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader (or a kill) sees the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the records of steps <= last_step (those the checkpoint covers); drop later ones
     and any line that does not parse (a write cut short by a kill). Rewritten atomically."""
     if not path.exists():
         return
+    text = path.read_text(errors="replace")
+    if not text:
+        return
     keep, dropped = [], 0
-    for line in path.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             if json.loads(line)["step"] <= last_step:
                 keep.append(line)
@@ -44,10 +54,9 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         except (ValueError, KeyError, TypeError):
             pass
         dropped += 1
+    if dropped or not text.endswith("\n"):  # (a last line without its newline would be joined)
+        write_atomic(path, "".join(line + "\n" for line in keep))
     if dropped:
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
         log.info("metrics.jsonl: dropped %d record(s) after step %d (replayed from the checkpoint)", dropped, last_step)
 
 

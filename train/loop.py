@@ -18,7 +18,6 @@ import json
 import logging
 import logging.handlers
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -30,12 +29,11 @@ from flax import nnx
 
 import models
 from layers.sharding import use_mesh
-from train.checkpoint import Checkpointer, abstract_like
+from train.checkpoint import Checkpointer, NoReadableCheckpoint, abstract_like
 from train.config import Config, ConfigError, read_config_json, to_dict
-from train.errors import CheckpointError
 from train.data import (get_tokenizer, make_eval_batches, make_train_iterator, task_vocab_size,
                         unigram_bits_per_byte)
-from train.logger import RunLogger
+from train.logger import RunLogger, write_atomic
 from train.mesh import check_batch, create_state, describe as describe_mesh, init_distributed, make_mesh, place_batch
 from train.metrics import Throughput, peak_flops
 from train.optim import effective_warmup, learning_rate_schedule, make_optimizer
@@ -116,10 +114,12 @@ def _log_to_file(run_dir: Path, buffer: logging.handlers.MemoryHandler | None) -
     root.addHandler(fh)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _drop_log_buffer(buffer: logging.handlers.MemoryHandler | None) -> None:
+    """A refused run never hands its buffered start-up log to a file: let it go."""
+    root = logging.getLogger("chimera")
+    if buffer is not None and buffer in root.handlers:
+        root.removeHandler(buffer)
+        buffer.close()
 
 
 def evaluate(eval_step, params, batches, token_bytes, *, text: bool = True) -> dict[str, float]:
@@ -172,25 +172,33 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
-def _restore(ckpt: Checkpointer, state, train_iter, *, from_scratch: bool, main: bool):
-    """(restored step or None, state): the newest usable checkpoint, its data position set on
-    `train_iter`. Corrupt steps newer than it are set aside (they will be written again);
-    when none is readable the run stops, unless `from_scratch` (then all are set aside)."""
+def _restore(ckpt: Checkpointer, abstract_state, train_iter, *, from_scratch: bool):
+    """(step, state, steps to set aside): the newest usable checkpoint (step and state None when
+    there is none), its data position set on `train_iter`, and the corrupt steps newer than it
+    (they will be written again). When none is readable the run stops, unless `from_scratch`
+    (then all are to be set aside). Moves nothing itself: the caller does, once the run is accepted."""
     try:
-        restored, corrupt = ckpt.restore_latest(abstract_like(state), train_iter.set_state)
-    except CheckpointError as e:
+        restored, corrupt = ckpt.restore_latest(abstract_state, train_iter.set_state)
+    except NoReadableCheckpoint as e:
         if not from_scratch:
-            raise CheckpointError(f"{e}. To train from step 0 anyway, run again with --from-scratch (the "
-                                  "unreadable checkpoints are moved to corrupt_checkpoints/), or use another "
-                                  "--run-dir") from None
-        if main:
-            ckpt.set_aside(ckpt.steps())
-        return None, state
-    if corrupt and main:
-        ckpt.set_aside([s for s, _ in corrupt])
+            raise NoReadableCheckpoint(f"{e}. To train from step 0 anyway, run again with --from-scratch (the "
+                                       "unreadable checkpoints are moved to corrupt_checkpoints/), or use another "
+                                       "--run-dir") from None
+        return None, None, ckpt.steps()
     if restored is None:
-        return None, state
-    return restored[0], restored[1]
+        return None, None, []
+    return restored[0], restored[1], [s for s, _ in corrupt]
+
+
+def _set_aside(ckpt: Checkpointer, steps: list[int], main: bool) -> None:
+    """The main process moves the steps; the others wait for it and re-list the directory."""
+    if main:
+        ckpt.set_aside(steps)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("chimera_set_aside_checkpoints")
+        if not main:
+            ckpt.manager.reload()
 
 
 def _schedule_change_warning(old: Config | None, cfg: Config, step: int) -> None:
@@ -214,7 +222,7 @@ def run(cfg: Config, run_dir: str | Path, *, from_scratch: bool = False) -> dict
     the model, and the checkpoint to resume from (after taking the directory's lock). Only then
     are config.json, the tokenizer and the logs written.
     from_scratch: when no checkpoint of the directory can be read, set them aside and start
-    from step 0 (without it, the run stops with CheckpointError).
+    from step 0 (without it, the run stops with NoReadableCheckpoint).
     """
     init_distributed(cfg.runtime)
     main = jax.process_index() == 0  # the process that writes logs, config and summary
@@ -227,10 +235,10 @@ def run(cfg: Config, run_dir: str | Path, *, from_scratch: bool = False) -> dict
     check_batch(cfg.data.batch_size, tc.grad_accum, mesh)
     log.info("run %s in %s on %s, jax %s, %d process(es), mesh %s", cfg.name, run_dir.absolute(),
              jax.devices()[0].device_kind, jax.__version__, jax.process_count(), describe_mesh(mesh))
-    if effective_warmup(cfg.optimizer, tc.steps) != cfg.optimizer.warmup_steps:
+    warmup = effective_warmup(cfg.optimizer, tc.steps)
+    if warmup != cfg.optimizer.warmup_steps:
         log.warning("optimizer.warmup_steps=%d is longer than train.steps=%d: warming up over %d steps "
-                    "(train.steps // 10) instead", cfg.optimizer.warmup_steps, tc.steps,
-                    effective_warmup(cfg.optimizer, tc.steps))
+                    "(train.steps // 10) instead", cfg.optimizer.warmup_steps, tc.steps, warmup)
 
     # The data first: a bad path or an empty split fails here, before seconds of model building.
     tokenizer = get_tokenizer(cfg.data)
@@ -239,8 +247,12 @@ def run(cfg: Config, run_dir: str | Path, *, from_scratch: bool = False) -> dict
     unigram = unigram_bits_per_byte(cfg.data)
 
     tx, schedule = make_optimizer(cfg.optimizer, tc.steps)
-    graphdef, state, notes = create_state(
-        lambda: init_state(models.build(cfg.model, cfg.runtime, seed=tc.seed), tx, tc.seed), tx, mesh)
+
+    def build_state():
+        return create_state(
+            lambda: init_state(models.build(cfg.model, cfg.runtime, seed=tc.seed), tx, tc.seed), tx, mesh)
+
+    graphdef, state, notes = build_state()
     for note in notes:
         log.info("sharding: %s", note)
     model = nnx.merge(graphdef, state["params"])  # for describing the layers; shares the arrays
@@ -255,35 +267,46 @@ def run(cfg: Config, run_dir: str | Path, *, from_scratch: bool = False) -> dict
     log.info("training FLOPs/token: %.3g (%s)", flops_total,
              ", ".join(f"{k} {v / flops_total:.0%}" for k, v in flops.items()))
     del model
+    abstract_state = abstract_like(state)
 
-    with RunLock(run_dir) if main else contextlib.nullcontext():
-        ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
-        try:
-            restored_step, state = _restore(ckpt, state, train_iter, from_scratch=from_scratch, main=main)
-        except BaseException:
-            ckpt.close()
-            raise
-        if restored_step is not None and restored_step >= tc.steps:
-            ckpt.close()
-            if restored_step > tc.steps:
-                raise ConfigError(f"{run_dir} is already trained to step {restored_step}, past train.steps="
-                                  f"{tc.steps}: for a shorter run use another --run-dir; to continue, raise train.steps")
-            log.info("%s is finished (step %d of train.steps=%d): nothing to train", run_dir, restored_step, tc.steps)
-            return {"step": restored_step, "already_finished": True}
-        if restored_step is not None:
-            log.info("resumed from checkpoint step %d", restored_step)
-            _schedule_change_warning(old_cfg, cfg, restored_step)
-        elif tc.init_from:
-            state["params"] = _warm_start(tc.init_from, graphdef, state["params"])
+    try:
+        with RunLock(run_dir) if main else contextlib.nullcontext():
+            ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
+            try:
+                if ckpt.steps():
+                    state = None  # the restore allocates the checkpoint's copy: do not hold two
+                step, restored, aside = _restore(ckpt, abstract_state, train_iter, from_scratch=from_scratch)
+                if step is not None and step >= tc.steps:
+                    if step > tc.steps:
+                        raise ConfigError(f"{run_dir} is already trained to step {step}, past train.steps="
+                                          f"{tc.steps}: for a shorter run use another --run-dir; to continue, "
+                                          "raise train.steps")
+                    log.info("%s is finished (step %d of train.steps=%d): nothing to train", run_dir, step, tc.steps)
+                    return {"step": step, "already_finished": True}
 
-        # The run is valid: from here on the run directory is written.
-        if main:
-            _log_to_file(run_dir, log_buffer)
-            _write_atomic(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
-            tokenizer.save(run_dir)
-        return _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_eval_batches, mesh,
-                      tokenizer=tokenizer, unigram=unigram, restored=restored_step is not None, main=main,
-                      n_params=n_params, flops_total=flops_total)
+                # The run is accepted: from here on the run directory is written.
+                _set_aside(ckpt, aside, main)
+                if step is not None:
+                    state = restored
+                    log.info("resumed from checkpoint step %d", step)
+                    _schedule_change_warning(old_cfg, cfg, step)
+                else:
+                    if state is None:  # every checkpoint was unreadable and --from-scratch was given
+                        graphdef, state, _ = build_state()
+                        train_iter = make_train_iterator(cfg.data, seed=tc.seed)
+                    if tc.init_from:
+                        state["params"] = _warm_start(tc.init_from, graphdef, state["params"])
+                if main:
+                    _log_to_file(run_dir, log_buffer)
+                    write_atomic(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2) + "\n")
+                    tokenizer.save(run_dir)
+                return _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_eval_batches,
+                              mesh, tokenizer=tokenizer, unigram=unigram, restored=step is not None, main=main,
+                              n_params=n_params, flops_total=flops_total)
+            finally:
+                ckpt.close()  # (_train closed it already, before its logger; closing twice is a no-op)
+    finally:
+        _drop_log_buffer(log_buffer)
 
 
 def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_eval_batches, mesh, *,
@@ -359,7 +382,7 @@ def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_e
                     meter.restart()
                 if step % tc.checkpoint_every == 0:
                     save(step)
-                if stop.received is not None:
+                if stop.received is not None and step < tc.steps:  # at the last step: finish instead
                     log.info("signal %d received: saving checkpoint at step %d and exiting", stop.received, step)
                     save(step)
                     ckpt.wait()
@@ -374,7 +397,7 @@ def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_e
             summary = {"step": step, "eval": ev, "unigram_bits_per_byte": unigram, "train_seconds": train_time,
                        "params": n_params, "flops_per_token": flops_total}
             if main:
-                _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+                write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             return summary
     finally:
         try:

@@ -126,6 +126,8 @@ def test_cli_config_sources(tmp_path):
     js.write_text(json.dumps(to_dict(cfg)))
     assert load_config(str(js)) == cfg
     # a run's own config.json continues that run: its directory is the default --run-dir
+    assert parse_args(["--config", str(js)])[1] == Path("runs/tiny")  # not a run directory (yet)
+    (tmp_path / "checkpoints").mkdir()
     assert parse_args(["--config", str(js)])[1] == tmp_path
     assert parse_args(["--config", str(js), "--run-dir", "elsewhere"])[1] == Path("elsewhere")
     bad = tmp_path / "bad" / "config.json"

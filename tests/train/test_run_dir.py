@@ -130,12 +130,33 @@ def test_flipped_bytes_are_caught_by_train_and_by_readers(copy_of, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "fingerprint mismatch" in err, err
     assert steps_in(copy_of) == [3, 6] and tmp.exists()  # readers move and clean nothing
+    # a refused or finished start moves nothing, not even the corrupt step
+    assert run(small("train.steps=3", "train.checkpoint_every=3"), copy_of)["already_finished"]
+    assert not (copy_of / "corrupt_checkpoints").exists()
     # train: falls back to 3, sets 6 aside (it writes step 6 again)
     run(small("train.steps=6", "train.checkpoint_every=3"), copy_of)
     assert "resumed from checkpoint step 3" in (copy_of / "train.log").read_text()
     assert [p.name.split("-")[0] for p in (copy_of / "corrupt_checkpoints").iterdir()] == ["6"]
     assert load_run(copy_of).step == 6
     assert not tmp.exists()  # the writer, holding the lock, removed what a killed save left
+
+
+def test_a_failure_of_the_reader_is_not_corruption(copy_of, monkeypatch):
+    """Out of memory (or a denied permission) while restoring says so and skips nothing."""
+    import orbax.checkpoint as ocp
+
+    def oom(self, *a, **k):
+        raise ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", oom)
+    with pytest.raises(CheckpointError, match="step 6 .*cannot be read now.*RESOURCE_EXHAUSTED.*nothing was moved"):
+        load_run(copy_of)
+
+
+def test_checkpoints_from_before_fingerprints_restore_unverified(copy_of):
+    import shutil
+    shutil.rmtree(copy_of / "checkpoints" / "6" / "meta")
+    assert load_run(copy_of).step == 6
 
 
 # ----------------------------------------------------------------------------- 2. non-finite
