@@ -10,8 +10,9 @@ Exit codes (for schedulers and `train && export` wrappers):
   2   refused: bad config, data or checkpoint, or the run directory is in use
   3   stopped: the loss, gradients or parameters became non-finite (last good checkpoint kept)
   4   stopped: a checkpoint could not be written (disk full, ...); resumable once fixed
-  75  stopped by SIGTERM / SIGINT before the last step, after saving a checkpoint: run the same
-      command again to resume (EX_TEMPFAIL, "try again", as requeue scripts expect)
+  75  stopped by SIGTERM / SIGINT before the last step, after saving a checkpoint (or
+      interrupted before training began, or by a second Ctrl-C, saving nothing new): run the
+      same command again to resume (EX_TEMPFAIL, "try again", as requeue scripts expect)
 """
 from __future__ import annotations
 
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except KeyboardInterrupt:  # before the loop installs its handler, or a second Ctrl-C
+        print(f"interrupted: no new checkpoint was written; run the same command to resume from the last one "
+              f"in {run_dir}", file=sys.stderr)
+        return EXIT_STOPPED
     if summary.get("already_finished"):
         print(f"{run_dir} is already finished at step {summary['step']} (train.steps={cfg.train.steps}): nothing "
               "to train; raise train.steps to continue it, or use another --run-dir")
