@@ -22,7 +22,7 @@ import models
 from train.checkpoint import Checkpointer, abstract_like
 from train.config import Config, ConfigError, RuntimeConfig, read_config_json
 from train.data import Tokenizer, build_tokenizer
-from train.data.tokenizer import BYTE_FILE, HF_FILE, IDS_FILE, SP_FILE
+from train.data.tokenizer import SAVED_FILES
 from train.optim import make_optimizer
 from train.step import init_state
 
@@ -46,9 +46,8 @@ def load_config(run_dir: str | Path) -> Config:
 
 def load_tokenizer(run_dir: str | Path) -> Tokenizer:
     """The copy of its tokenizer that a run saved into its directory."""
-    names = (HF_FILE, SP_FILE, BYTE_FILE, IDS_FILE)
-    if not any((Path(run_dir) / n).is_file() for n in names):
-        raise ConfigError(f"{run_dir} has no tokenizer file (one of {', '.join(names)}), which the run wrote when it "
+    if not any((Path(run_dir) / n).is_file() for n in SAVED_FILES):
+        raise ConfigError(f"{run_dir} has no tokenizer file (one of {', '.join(SAVED_FILES)}), which the run wrote when it "
                           "started; copy the run's data.tokenizer file back into it")
     return build_tokenizer(str(run_dir))
 

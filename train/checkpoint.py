@@ -301,15 +301,20 @@ class Checkpointer:
         except _Corrupt as e:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read ({e})") from None
 
+    def _read_failure(self, step: int, e: Exception, what: str = "") -> Exception:
+        """The exception for a failed read: _Corrupt when the files are at fault, else a
+        CheckpointError that stops the restore (out of memory, no permission, ...)."""
+        if _not_the_files(e):
+            return CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read now "
+                                   f"({_first_line(e)}); nothing was moved")
+        return _Corrupt(what + _first_line(e))
+
     def _restore(self, step, abstract_state, check_data):
         try:
             saved = self.manager.item_metadata(step)["state"]
             saved = getattr(saved, "tree", saved)
         except Exception as e:  # noqa: BLE001 - unreadable metadata is a corrupt step
-            if _not_the_files(e):
-                raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read now "
-                                      f"({_first_line(e)}); nothing was moved") from e
-            raise _Corrupt(f"metadata: {_first_line(e)}") from None
+            raise self._read_failure(step, e, "metadata: ") from None
         if saved is None:
             raise _Corrupt("its state metadata is missing")
         diff = tree_differences(_named_leaves(saved), _named_leaves(abstract_state))
@@ -324,11 +329,8 @@ class Checkpointer:
             items["meta"] = ocp.args.JsonRestore()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001 - sorted below
-            if _not_the_files(e):
-                raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read now "
-                                      f"({_first_line(e)}); nothing was moved") from e
-            raise _Corrupt(_first_line(e)) from None
+        except Exception as e:  # noqa: BLE001 - unreadable files
+            raise self._read_failure(step, e) from None
         state, data = restored["state"], restored["data"]
         if verified:
             meta = restored["meta"]

@@ -26,7 +26,7 @@ from pathlib import Path
 import configs
 from train.config import Config, ConfigError, apply_overrides, read_config_json
 
-EXIT_DONE, EXIT_CRASH, EXIT_REFUSED, EXIT_NON_FINITE, EXIT_SAVE_FAILED, EXIT_STOPPED = 0, 1, 2, 3, 4, 75
+EXIT_DONE, EXIT_REFUSED, EXIT_NON_FINITE, EXIT_SAVE_FAILED, EXIT_STOPPED = 0, 2, 3, 4, 75  # 1: a traceback
 
 
 def preset_names() -> list[str]:

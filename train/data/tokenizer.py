@@ -33,6 +33,7 @@ ACCEPTED = ('"byte", a path to a Hugging Face tokenizer .json file, a SentencePi
 # File names used by `save`; `build_tokenizer(dir)` looks for them in this order.
 HF_FILE, SP_FILE = "tokenizer.json", "tokenizer.model"
 BYTE_FILE, IDS_FILE = "tokenizer_byte.json", "tokenizer_ids.json"
+SAVED_FILES = (HF_FILE, SP_FILE, BYTE_FILE, IDS_FILE)
 
 
 class Tokenizer:
@@ -209,7 +210,7 @@ def build_tokenizer(spec: str) -> Tokenizer:
         raise ConfigError(f"data.tokenizer is empty; accepted: {ACCEPTED}")
     path = Path(spec).expanduser()
     if path.is_dir():
-        for name in (HF_FILE, SP_FILE, BYTE_FILE, IDS_FILE):
+        for name in SAVED_FILES:
             if (path / name).is_file():
                 return build_tokenizer(str(path / name))
         raise ConfigError(f"data.tokenizer={spec!r} is a directory without {HF_FILE}, {SP_FILE}, "
