@@ -182,6 +182,13 @@ class ModelConfig:
             raise ConfigError("model.d_model and model.num_layers must be >= 1")
         if not self.pattern:
             raise ConfigError("model.pattern must name at least one mixer")
+        if len(self.pattern) > self.num_layers:
+            # Layers cycle through the pattern, so the tail of a longer one would never be built
+            # (a 6-name pattern on 4 layers would silently drop its attention layers).
+            raise ConfigError(
+                f"model.pattern has {len(self.pattern)} mixers ({','.join(self.pattern)}) but "
+                f"model.num_layers={self.num_layers}; set model.num_layers to a multiple of "
+                f"{len(self.pattern)} (or a shorter pattern)")
         if self.vocab_size is not None and self.vocab_size < 2:
             raise ConfigError(f"model.vocab_size must be >= 2 or None, got {self.vocab_size}")
         for name, mc in self.mixers.items():
@@ -305,6 +312,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200  # 0 disables periodic eval (a final eval still runs)
     eval_batches: int = 8
+    # Attention diagnostics (sink rate, entropy, largest activation; train/evals/diagnostics.py)
+    # on the eval batches every this many steps, logged to metrics.jsonl and TensorBoard; 0: off.
+    diagnostics_every: int = 0
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
@@ -316,8 +326,9 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "log_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0:
-            raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
+        for name in ("eval_every", "diagnostics_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if batch_size % self.grad_accum:
             raise ConfigError(f"train.grad_accum={self.grad_accum} must divide data.batch_size={batch_size}")
 
@@ -581,15 +592,28 @@ def _set_in_dict(d: dict, cls: type, keys: list[str], raw: str, where: str) -> N
         return
     if key != "mixers" or cls is not ModelConfig:
         raise ConfigError(f"{path!r} has no fields; set it directly: {path}=...")
-    name, rest = rest[0], rest[1:]  # model.mixers.<name>.<field>
+    name, rest = rest[0], rest[1:]  # model.mixers.<name>[.<field>]
     mixers, mpath = d[key], f"{path}.{name}"
+    if not rest or rest == ["kind"]:
+        # A whole mixer (JSON with a kind) or a kind: declares the name, or replaces its config
+        # by that kind's defaults when the kind changes. Built-in names stay defined either way.
+        value = _parse_literal(raw) if not rest else {"kind": raw}
+        if not rest and not isinstance(value, Mapping):
+            raise ConfigError(f"{mpath}: set a field of the mixer ({mpath}.window=256), its kind "
+                              f"({mpath}.kind=attention) or the whole mixer as JSON with a kind")
+        current = mixers.get(name) or (to_dict(DEFAULT_MIXERS[name]) if name in DEFAULT_MIXERS else None)
+        if rest and current is not None and current["kind"] == raw:
+            mixers[name] = current
+            return
+        mixers[name] = to_dict(_convert(value, MixerConfig, mpath))
+        return
     if name not in mixers:
         if name not in DEFAULT_MIXERS:
             known = set(mixers) | set(DEFAULT_MIXERS)
-            raise ConfigError(f"{mpath}: no mixer named {name!r}; known: {sorted(known)}{_suggest(name, known)}")
+            raise ConfigError(f"{mpath}: no mixer named {name!r}; declare it first with "
+                              f"{mpath}.kind=KIND (kinds: {sorted(_MIXER_CONFIG_KINDS)}), or use one of "
+                              f"{sorted(known)}{_suggest(name, known)}")
         mixers[name] = to_dict(DEFAULT_MIXERS[name])
-    if not rest:
-        raise ConfigError(f"{mpath}: set a field of the mixer, e.g. {mpath}.window=256")
     _set_in_dict(mixers[name], _MIXER_CONFIG_KINDS[mixers[name]["kind"]], rest, raw, mpath)
 
 

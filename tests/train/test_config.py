@@ -39,6 +39,10 @@ def test_overrides_apply_and_parse_types():
     ("runtime.attention_block_q=100", "power of two"),
     ("optimizer.warmup_steps=-1", "optimizer.warmup_steps must be >= 0"),
     ("steps", "must look like key.path=value"),
+    ("model.pattern=swa,swa,swa,swa,swa,attn", "model.pattern has 6 mixers .* model.num_layers=4"),
+    ("model.mixers.wide.kind=atention", "kind='atention' is not registered.*did you mean 'attention'"),
+    ("model.mixers.wide.window=8", "declare it first with model.mixers.wide.kind=KIND"),
+    ("model.mixers.wide=7", "the whole mixer as JSON with a kind"),
 ])
 def test_bad_overrides_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -90,6 +94,29 @@ def test_data_fields_of_another_source_are_refused(overrides, message):
 def test_union_errors_list_what_each_arm_accepts(override, message):
     with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
         apply_overrides(load_config("tiny"), [override])
+
+
+def test_mixer_names_are_declared_on_the_command_line():
+    cfg = apply_overrides(load_config("tiny"), [
+        "model.mixers.swa_wide.kind=attention", "model.mixers.swa_wide.window=1024",
+        'model.mixers.g2={"kind": "gla", "num_heads": 2}', "model.pattern=swa_wide,g2,swa,attn"])
+    m = cfg.model
+    assert m.mixer("swa_wide") == AttentionConfig(window=1024)
+    assert m.mixer("g2").kind == "gla" and m.mixer("g2").num_heads == 2
+    # the preset's own and the built-in names are still there
+    assert m.mixer("swa").window == 64 and m.mixer("attn").num_kv_heads == 2 and m.mixer("gdn").kind == "gdn"
+    # the same kind keeps the fields; another kind starts from that kind's defaults
+    same = apply_overrides(cfg, ["model.mixers.swa.kind=attention"])
+    assert same.model.mixer("swa").window == 64
+    other = apply_overrides(cfg, ["model.mixers.swa.kind=gdn", "model.mixers.swa.num_heads=2"])
+    assert other.model.mixer("swa").kind == "gdn" and other.model.mixer("swa").num_heads == 2
+    again = from_dict(Config, json.loads(json.dumps(to_dict(cfg))))
+    assert again == cfg
+
+
+def test_pattern_longer_than_the_depth_is_refused_in_presets_too():
+    with pytest.raises(ConfigError, match="model.pattern has 3 mixers"):
+        ModelConfig(num_layers=2, pattern=("gla", "gla", "attn")).check()
 
 
 def test_from_dict_rejects_unknown_kind_and_keys():
