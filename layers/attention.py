@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.conv import CausalConv1d
 from layers.kv_cache import init_kv_cache, kv_cache_update
 from layers.linear import Dense
 from layers.norm import RMSNorm
@@ -52,16 +53,21 @@ def init_head_projections(m: nnx.Module, cfg: HeadsConfig, ctx: LayerContext, rn
         m.k_norm = RMSNorm(hd, eps=ctx.norm_eps)
 
 
-def project_heads(m: nnx.Module, x: jax.Array, positions: jax.Array, k: jax.Array | None = None):
+def project_heads(m: nnx.Module, x: jax.Array, positions: jax.Array, k: jax.Array | None = None,
+                  conv=None):
     """x [B, T, d] -> q [B, T, H, D], k, v [B, T, K, D], normed (qk_norm) and rotated (RoPE at
     `positions`) as attention sees them. k: the projected keys [B, T, K*D] when the caller
-    transformed them (e.g. MoBA's key convolution); None projects x."""
+    transformed them (e.g. MoBA's key convolution); None projects x. conv: None, or a function
+    applied to the concatenated projections [B, T, (H + 2K) * D] (the short convolution)."""
     b, t, _ = x.shape
     hd, cfg = m.head_dim, m.cfg
-    k = m.k_proj(x) if k is None else k
-    q = constrain(m.q_proj(x).reshape(b, t, m.heads, hd), HEADS)
+    q, k, v = m.q_proj(x), (m.k_proj(x) if k is None else k), m.v_proj(x)
+    if conv is not None:
+        q, k, v = jnp.split(conv(jnp.concatenate([q, k, v], axis=-1)),
+                            [m.heads * hd, (m.heads + m.kv_heads) * hd], axis=-1)
+    q = constrain(q.reshape(b, t, m.heads, hd), HEADS)
     k = constrain(k.reshape(b, t, m.kv_heads, hd), HEADS)
-    v = constrain(m.v_proj(x).reshape(b, t, m.kv_heads, hd), HEADS)
+    v = constrain(v.reshape(b, t, m.kv_heads, hd), HEADS)
     if cfg.qk_norm:
         q, k = m.q_norm(q), m.k_norm(k)
     return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta), v
@@ -73,12 +79,24 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.runtime = ctx.runtime
         init_head_projections(self, cfg, ctx, rngs)
+        channels = (self.heads + 2 * self.kv_heads) * self.head_dim
+        self.conv = (CausalConv1d(channels, cfg.conv_size, bias=False, dtype=ctx.dtype, rngs=rngs)
+                     if cfg.conv_size else None)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array, cache=None):
         """x [B, T, d]; positions, segment_ids [B, T] int32 -> (y [B, T, d], cache)."""
         b, t, _ = x.shape
         cfg, hd = self.cfg, self.head_dim
-        q, k, v = project_heads(self, x, positions)
+        conv, conv_cache = None, {}
+        if self.conv is not None:
+            def conv(u):
+                y, conv_cache["conv"] = self.conv(u, segment_ids, None if cache is None else cache["conv"])
+                return y
+        q, k, v = project_heads(self, x, positions, conv=conv)
+        # q and k as attention sees them, for attention statistics (train/evals/diagnostics.py
+        # reads them with nnx.capture). Outside nnx.capture this is a no-op when tracing and
+        # leaves nothing in the compiled graph.
+        self.sow(nnx.Intermediate, "qk", (q, k), capture_noop=True)
         rt = self.runtime
         block_sparse = rt.attention_impl == "block_sparse"
         kw = dict(window=cfg.window, logit_softcap=cfg.logit_softcap,
@@ -92,15 +110,21 @@ class Attention(nnx.Module):
         elif cache is None:
             o = attention(q, k, v, segment_ids=segment_ids, positions=positions, **kw)
         else:
-            keys, cache = kv_cache_update(cache, k, v, segment_ids, positions)
+            kv_cache = {k_: v_ for k_, v_ in cache.items() if k_ != "conv"}
+            keys, cache = kv_cache_update(kv_cache, k, v, segment_ids, positions)
             o = attention(q, keys["k"], keys["v"], segment_ids=segment_ids, positions=positions,
                           kv_segment_ids=keys["segment_ids"], kv_positions=keys["positions"], **kw)
+            cache = {**cache, **conv_cache}
         return self.o_proj(o.reshape(b, t, self.heads * hd)), cache
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-        """A sliding-window layer keeps only `window` slots (a ring buffer)."""
+        """A sliding-window layer keeps only `window` slots (a ring buffer); with conv_size,
+        the short convolution's last inputs too."""
         size = max_len if self.cfg.window is None else min(max_len, self.cfg.window)
-        return init_kv_cache(batch, size, self.kv_heads, self.head_dim, dtype)
+        cache = init_kv_cache(batch, size, self.kv_heads, self.head_dim, dtype)
+        if self.conv is not None:
+            cache["conv"] = self.conv.init_cache(batch, dtype)
+        return cache
 
     @staticmethod
     def flops_per_token(cfg: AttentionConfig, d_model: int, seq_len: int) -> float:
@@ -115,7 +139,8 @@ class Attention(nnx.Module):
         # mean over t of min(t + 1, w) for t = 0 .. seq_len - 1
         visible = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
         scores = 2 * 2 * h * hd * visible
-        return 3.0 * (proj + scores)
+        conv = 2.0 * cfg.conv_size * hd * (h + 2 * kvh)
+        return 3.0 * (proj + scores + conv)
 
     def describe(self) -> str:
         c = self.cfg
@@ -125,6 +150,8 @@ class Attention(nnx.Module):
             parts.append("qk_norm")
         if c.logit_softcap:
             parts.append(f"softcap={c.logit_softcap}")
+        if c.conv_size:
+            parts.append(f"qkv conv={c.conv_size}")
         rt = self.runtime
         if rt.attention_impl == "block_sparse":
             parts.append(f"impl=block_sparse/{rt.sparse_attention_impl or 'auto'} "

@@ -136,6 +136,9 @@ def hf_arch(mc: ModelConfig) -> HFArch:
         if c.logit_softcap is not None:
             problems.append(f"layer {i} ({name}): logit_softcap={c.logit_softcap}; Llama, Qwen3 and "
                             "Ministral do not soft-cap attention logits")
+        if c.conv_size:
+            problems.append(f"layer {i} ({name}): conv_size={c.conv_size}; Llama, Qwen3 and Ministral have "
+                            "no convolution on q/k/v")
         attn.append((i, name, c))
     if not attn:
         raise ConfigError("cannot export to Hugging Face format:\n  " + "\n  ".join(problems))
@@ -326,7 +329,7 @@ def _function_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
             if type(ca) is not type(cb):
                 out.append(f"layer {i}: mixer kind {ca.kind} vs {cb.kind}")
             continue
-        for f in ("window", "qk_norm", "logit_softcap", "rope_theta"):
+        for f in ("window", "qk_norm", "logit_softcap", "rope_theta", "conv_size"):
             if getattr(ca, f) != getattr(cb, f):
                 out.append(f"layer {i} {f}: {getattr(ca, f)} vs {getattr(cb, f)}")
     if a.norm_eps != b.norm_eps:

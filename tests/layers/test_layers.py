@@ -61,6 +61,7 @@ CASES = {
     "mha": AttentionConfig(num_heads=4),
     "gqa_window": AttentionConfig(num_heads=4, num_kv_heads=2, window=5),
     "mqa_qknorm_softcap": AttentionConfig(num_heads=4, num_kv_heads=1, qk_norm=True, logit_softcap=5.0),
+    "gqa_window_conv": AttentionConfig(num_heads=4, num_kv_heads=2, window=5, conv_size=3),
 }
 
 
@@ -95,6 +96,36 @@ def test_attention_mixer_prefill_then_decode():
         o, cache = _step(m, x[:, t:t + 1], pos[:, t:t + 1], seg[:, t:t + 1], cache)
         outs.append(o)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_qkv_conv_is_a_causal_depthwise_filter_per_document():
+    """conv_size=W: q/k/v projections are filtered over time, q_t = sum_j w_j * (x_{t-j} W_q),
+    within the document (written out here with numpy), before RoPE; a document of a packed row
+    computes as if it were alone."""
+    cfg = AttentionConfig(num_heads=2, num_kv_heads=1, conv_size=3)
+    m = _mixer(cfg, d=16)
+    x, seg, pos = _packed_inputs(b=1, lens=(5, 7), d=16)
+    captured = {}
+
+    def capture(u):
+        y, _ = m.conv(u, seg)
+        captured["in"], captured["out"] = np.asarray(u), np.asarray(y)
+        return y
+
+    from layers.attention import project_heads
+    project_heads(m, x, pos, conv=capture)
+    u, w = captured["in"][0], np.asarray(m.conv.kernel[...])
+    want = np.zeros_like(u)
+    starts = {5: 5, **{t: 0 for t in range(5)}, **{t: 5 for t in range(5, 12)}}
+    for t in range(12):
+        for j in range(3):
+            if t - j >= starts[t]:
+                want[t] += w[j] * u[t - j]
+    np.testing.assert_allclose(captured["out"][0], want, rtol=1e-5, atol=1e-6)
+    y, _ = m(x, positions=pos, segment_ids=seg)
+    y2, _ = m(x[:, 5:], positions=pos[:, 5:], segment_ids=seg[:, 5:])
+    np.testing.assert_allclose(np.asarray(y2), np.asarray(y[:, 5:]), rtol=1e-5, atol=1e-6)
+    assert m.conv.kernel.shape == (3, (2 + 2 * 1) * 8)
 
 
 def test_attention_mixer_implementations_agree_with_grads():

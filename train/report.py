@@ -1,0 +1,345 @@
+"""The report of a sweep: one table and the figures that answer what the sweep asked.
+
+    python -m train.report SWEEP_DIR
+
+(run by `python -m train.sweep` at its end) reads SWEEP_DIR/sweep.json, records/<run>.json and
+each run's metrics.jsonl and eval/suite-*.json, and writes into SWEEP_DIR/report/:
+
+    results.csv     one row per point: its labels, status, mixers, params (total and by part),
+                    training FLOPs/token, decode-state bytes, final loss / bits per byte /
+                    accuracy, every suite metric
+    results.md      the same as one Markdown table (suite grid cells, names with "@", left to the CSV)
+    recall_vs_full_share.png  each recall metric against the share of full-attention layers, one
+                    line per group (the labels other than ratio and seed), mean over seeds with
+                    the min-max range; with no ratio axis, one bar per point
+    lm_vs_full_share.png      final validation loss and bits per byte the same way
+    loss_curves.png           training loss against step, one panel per group
+    niah_heatmap.png          needle accuracy over context length x needle depth (niah suite)
+    loss_by_position.png      loss by position bucket at each evaluated length (length suite)
+
+Figures are drawn only when their data exist. Numbers in the tables are those of the records,
+unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+__all__ = ["collect", "write_report", "main"]
+
+STATE_LENGTH = "4096"  # decode-state column of the table (all lengths are in the CSV)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _group_key(labels: dict) -> str:
+    """The labels that define a line in the figures: all but ratio and seed."""
+    parts = [f"{k}={v}" for k, v in labels.items() if k not in ("ratio", "seed")]
+    return ", ".join(parts) or "all"
+
+
+def _mixers(stats: dict | None) -> str:
+    """The mixer kinds of the model's layers, e.g. "gdn+attention"."""
+    if not stats:
+        return ""
+    return "+".join(dict.fromkeys(stats.get("mixer_kinds", {}).values()))
+
+
+def collect(sweep_dir: str | Path) -> list[dict]:
+    """One row per point of the sweep: its labels joined with its run's record (flat dict)."""
+    sweep_dir = Path(sweep_dir)
+    manifest = _read_json(sweep_dir / "sweep.json")
+    if manifest is None:
+        from train.config import ConfigError
+        raise ConfigError(f"{sweep_dir} is not a sweep directory: no readable sweep.json")
+    rows = []
+    for pt in manifest["points"]:
+        rec = _read_json(sweep_dir / "records" / f"{pt['run']}.json") or {"status": "not run"}
+        row = {"point": pt["name"], **pt["labels"], **pt.get("extra", {}), "run": pt["run"],
+               "status": rec.get("status"), "error": rec.get("error")}
+        stats = rec.get("stats")
+        if stats:
+            row["mixers"] = _mixers(stats)
+            row["params"] = stats["params"]
+            for part, n in stats["params_by_part"].items():
+                row[f"params/{part}"] = n
+            row["flops_per_token"] = stats["flops_per_token"]
+            for length, b in stats["state_bytes"].items():
+                row[f"state_bytes@{length}"] = b
+        for k, v in (rec.get("final") or {}).items():
+            row[f"final/{k}"] = v
+        for summary in (rec.get("suites") or {}).values():
+            row.update(summary)
+        for k in ("train_s", "eval_s", "wall_s", "overhead_s"):
+            if rec.get(k) is not None:
+                row[k] = rec[k]
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    return cols
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3g}"
+    return str(v)
+
+
+def _markdown(rows: list[dict], axes: list[str]) -> str:
+    suite_cols = [c for c in _columns(rows) if "/" in c and "@" not in c and c.split("/")[0] in
+                  ("mqar", "niah", "length", "diagnostics")]
+    cols = (["point", "status", "mixers"] + [a for a in axes if a not in ("point",)] +
+            ["params", "flops_per_token", f"state_bytes@{STATE_LENGTH}", "final/loss", "final/bits_per_byte",
+             "final/accuracy"] + suite_cols)
+    cols = [c for c in dict.fromkeys(cols) if any(c in r for r in rows)]
+    out = io.StringIO()
+    out.write("| " + " | ".join(cols) + " |\n")
+    out.write("|" + "---|" * len(cols) + "\n")
+    for r in rows:
+        out.write("| " + " | ".join(_fmt(r.get(c)).replace("|", "/") for c in cols) + " |\n")
+    failed = [r for r in rows if r.get("status") not in ("done",)]
+    if failed:
+        out.write("\nNot done:\n\n")
+        for r in failed:
+            out.write(f"- {r['point']}: {r.get('status')}{': ' + r['error'] if r.get('error') else ''}\n")
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _recall_metrics(rows: list[dict]) -> list[str]:
+    keys = _columns(rows)
+    return [k for k in keys if k.split("/")[0] in ("mqar", "niah") and "@" not in k
+            and any(isinstance(r.get(k), (int, float)) for r in rows)]
+
+
+def _by_share(rows, metric):
+    """{group: [(full_share, mean, lo, hi), ...]} over seeds."""
+    groups: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        v = r.get(metric)
+        if r.get("status") != "done" or not isinstance(v, (int, float)) or "full_share" not in r:
+            continue
+        groups.setdefault(_group_key({k: r[k] for k in r["_labels"]}), {}).setdefault(r["full_share"], []).append(v)
+    return {g: [(x, sum(vs) / len(vs), min(vs), max(vs)) for x, vs in sorted(d.items())] for g, d in groups.items()}
+
+
+def _metric_panels(plt, rows, metrics, title, ylabels, path) -> Path | None:
+    if not metrics:
+        return None
+    n = len(metrics)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False)
+    has_share = any("full_share" in r for r in rows)
+    for ax, metric in zip(axes[0], metrics):
+        if has_share:
+            for g, pts in _by_share(rows, metric).items():
+                xs = [p[0] for p in pts]
+                ax.errorbar(xs, [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                            marker="o", capsize=3, label=g)
+            ax.set_xlabel("share of full-attention layers")
+            ax.set_xlim(-0.05, 1.05)
+        else:
+            done = [r for r in rows if isinstance(r.get(metric), (int, float))]
+            ax.bar(range(len(done)), [r[metric] for r in done])
+            ax.set_xticks(range(len(done)), [r["point"] for r in done], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel(ylabels.get(metric, metric))
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        if has_share and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _loss_curves(plt, sweep_dir: Path, rows, path) -> Path | None:
+    curves: dict[str, list] = {}
+    for r in rows:
+        metrics = sweep_dir / "runs" / r["run"] / "metrics.jsonl"
+        if not metrics.is_file():
+            continue
+        steps, losses = [], []
+        for line in metrics.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("kind") == "train" and isinstance(rec.get("loss"), (int, float)):
+                steps.append(rec["step"])
+                losses.append(rec["loss"])
+        if steps:
+            label = ", ".join(f"{k}={r[k]}" for k in r["_labels"] if k in ("ratio", "seed")) or r["point"]
+            curves.setdefault(_group_key({k: r[k] for k in r["_labels"]}), []).append((label, steps, losses))
+    if not curves:
+        return None
+    n = len(curves)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False, sharey=True)
+    for ax, (g, cs) in zip(axes[0], curves.items()):
+        for label, steps, losses in cs:
+            ax.plot(steps, losses, label=label, lw=1.2)
+        ax.set_title(g)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("training loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _suite_record(sweep_dir: Path, run: str, suite: str):
+    files = sorted((sweep_dir / "runs" / run / "eval").glob(f"suite-{suite}-step*.json"),
+                   key=lambda p: int(p.stem.rsplit("step", 1)[1]) if p.stem.rsplit("step", 1)[1].isdigit() else -1)
+    return _read_json(files[-1]) if files else None
+
+
+def _niah_heatmap(plt, sweep_dir: Path, rows, path) -> Path | None:
+    """Per run with a niah record: accuracy over (context length, depth) of the needle task
+    (passkey / phonebook too when present), one panel each."""
+    panels = []
+    for r in rows:
+        rec = _suite_record(sweep_dir, r["run"], "niah")
+        if rec and r["run"] not in [p[0] for p in panels]:
+            panels.append((r["run"], rec))
+    if not panels:
+        return None
+    n = len(panels)
+    cols = min(n, 4)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.6 * math.ceil(n / cols)), squeeze=False)
+    im = None
+    for ax, (run, rec) in zip(axes.flat, panels):
+        cells = [c for c in rec["results"]["grid"] if c["task"] == "needle"] or rec["results"]["grid"]
+        lengths = sorted({c["context_len"] for c in cells})
+        depths = sorted({c["depth"] for c in cells})
+        grid = [[math.nan] * len(lengths) for _ in depths]
+        for c in cells:
+            grid[depths.index(c["depth"])][lengths.index(c["context_len"])] = c["correct"] / max(c["trials"], 1)
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(run, fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if im is not None:
+        fig.colorbar(im, ax=axes, label="retrieval accuracy", shrink=0.8)
+    fig.suptitle("Needle in a haystack: exact greedy retrieval")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _loss_by_position(plt, sweep_dir: Path, rows, path) -> Path | None:
+    series = []
+    for r in rows:
+        rec = _suite_record(sweep_dir, r["run"], "length")
+        if not rec or r["run"] in [s[0] for s in series]:
+            continue
+        series.append((r["run"], rec["results"]))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for run, res in series:
+        for entry in res.get("lengths", []):
+            xs = [b["start"] for b in entry["buckets"]] + [entry["buckets"][-1]["end"]]
+            ys = [b["loss"] for b in entry["buckets"]]
+            ax.step(xs, ys + ys[-1:], where="post", label=f"{run} (T={entry['seq_len']})", lw=1.2)
+    ax.set_xlabel("position in the sequence (tokens)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Loss by position at 1x, 2x and 4x the training length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(sweep_dir: str | Path) -> list[Path]:
+    """Write report/results.csv, results.md and the figures; returns the files written."""
+    from train.logger import write_atomic
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    manifest = _read_json(sweep_dir / "sweep.json")
+    axes = [a["name"] for a in manifest.get("axes", [])]
+    for r, pt in zip(rows, manifest["points"]):
+        r["_labels"] = list(pt["labels"])
+    out = sweep_dir / "report"
+    out.mkdir(exist_ok=True)
+    public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=_columns(public))
+    writer.writeheader()
+    writer.writerows(public)
+    write_atomic(out / "results.csv", buf.getvalue())
+    done = sum(r.get("status") == "done" for r in rows)
+    md = (f"# Sweep {manifest['name']}\n\nBase `{manifest['base']}`, overrides `{' '.join(manifest['overrides'])}`; "
+          f"{done} of {len(rows)} points done. Columns: params (trainable), flops_per_token (training, "
+          f"forward + backward), state_bytes@{STATE_LENGTH} (decode state of one sequence after {STATE_LENGTH} "
+          "tokens), final/* (the run's last validation eval), then each suite's metrics.\n\n" + _markdown(public, axes))
+    write_atomic(out / "results.md", md)
+    written = [out / "results.csv", out / "results.md"]
+    plt = _plt()
+    recall = _recall_metrics(rows)
+    ylabels = {m: "accuracy (fraction correct)" for m in recall}
+    ylabels.update({"final/loss": "validation loss (nats/token)", "final/bits_per_byte": "bits per byte"})
+    lm = [m for m in ("final/loss", "final/bits_per_byte") if any(isinstance(r.get(m), (int, float)) for r in rows)]
+    for made in (
+        _metric_panels(plt, rows, recall, "Recall against the hybrid ratio", ylabels, out / "recall_vs_full_share.png"),
+        _metric_panels(plt, rows, lm, "Language modelling against the hybrid ratio", ylabels, out / "lm_vs_full_share.png"),
+        _loss_curves(plt, sweep_dir, rows, out / "loss_curves.png"),
+        _niah_heatmap(plt, sweep_dir, rows, out / "niah_heatmap.png"),
+        _loss_by_position(plt, sweep_dir, rows, out / "loss_by_position.png"),
+    ):
+        if made is not None:
+            written.append(made)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_dir")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    from train.config import ConfigError
+    try:
+        written = write_report(args.sweep_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for w in written:
+        print(f"wrote {w}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
