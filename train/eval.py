@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on the run's validation data, or on other data.
 
     python -m train.eval RUN_DIR [--step N] [--batches N] [--out FILE] [data.key=value ...]
+    python -m train.eval RUN_DIR --suite NAME[,NAME] [--step N] [--seed S]
 
 Prints loss, perplexity, accuracy (for mqar: recall accuracy on the answers) and, for text,
 bits per byte; writes them as JSON with the checkpoint step and the data config used. Default
@@ -17,6 +18,10 @@ Only `data.*` may be overridden (the model is fixed by the checkpoint), for exam
                                              document when that split is empty), or every
                                              document of them with --all-documents
 The tokenizer must stay the run's: another vocabulary would make the logits meaningless.
+
+With --suite, the named eval suites (train.evals: mqar, niah, length, diagnostics) run instead
+of the standard eval, each writing RUN_DIR/eval/suite-<name>-step<N>.json and printing a short
+summary; a suite that does not apply to the run (niah on an mqar model, say) is an error.
 """
 from __future__ import annotations
 
@@ -129,12 +134,46 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--all-documents", action="store_true",
                    help="stdlib / files: evaluate on every document, not only the held-out share "
                         "(for data the run never trained on)")
+    p.add_argument("--suite", default=None, metavar="NAME[,NAME]",
+                   help="run these eval suites instead (mqar, niah, length, diagnostics); records go to "
+                        "RUN_DIR/eval/suite-<name>-step<N>.json")
+    p.add_argument("--seed", type=int, default=None, help="--suite only: seed of the suites' draws (default 0)")
     # intermixed: options may come after the data.* overrides
     return p.parse_intermixed_args(argv)
 
 
+def _run_suites(args: argparse.Namespace) -> int:
+    """--suite: check names, options and applicability (before loading anything heavy), run."""
+    from train.evals import parse_suites  # light: the suites themselves load lazily
+    names = parse_suites(args.suite)
+    extra = [flag for flag, on in (("--batches", args.batches is not None), ("--out", args.out is not None),
+                                   ("--all-documents", args.all_documents), ("data.* overrides", args.overrides)) if on]
+    if extra:
+        raise ConfigError(f"--suite takes no {', '.join(extra)}: those are for the standard eval "
+                          "(the suites read the run's own data and write RUN_DIR/eval/suite-<name>-step<N>.json)")
+    if not Path(args.run_dir).is_dir():
+        raise ConfigError(f"{args.run_dir}: no such run directory")
+    from train.evals import format_summary, run_suites
+
+    def report(name, record, path):
+        print(format_summary(record))
+        print(f"wrote {path}", flush=True)
+
+    run_suites(args.run_dir, names, step=args.step, seed=0 if args.seed is None else args.seed, on_record=report)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.suite is not None:
+        try:
+            return _run_suites(args)
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.seed is not None:
+        print("error: --seed applies to --suite only (the standard eval has no random draws)", file=sys.stderr)
+        return 2
     if args.all_documents:
         args.overrides.append(all_documents_override())
     try:

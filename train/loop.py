@@ -323,6 +323,10 @@ def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_e
     train_step = make_train_step(graphdef, tx, schedule, grad_accum=tc.grad_accum, z_loss=cfg.model.z_loss,
                                  state_shardings=jax.tree.map(lambda a: a.sharding, state))
     eval_step = make_eval_step(graphdef)
+    diagnose = None
+    if tc.diagnostics_every:  # imported and compiled only when asked for
+        from train.evals.diagnostics import make_diagnostics
+        diagnose = make_diagnostics(graphdef, cfg.model)
     peak, peak_src = peak_flops(models.resolve_dtype(cfg.runtime))
     log.info("MFU peak: %.3g FLOP/s per device (%s)", peak, peak_src)
     # Simulated CPU devices share the host's cores: the measured CPU peak is per process.
@@ -379,6 +383,15 @@ def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_e
                     ev = evaluate(eval_step, state["params"], eval_batches, token_bytes, text=is_text)
                     logger.write("eval", step, ev)
                     logger.console_line("eval", step, ev, ("loss", "bits_per_byte", "perplexity", "accuracy"))
+                    meter.restart()
+                if diagnose is not None and step % tc.diagnostics_every == 0:
+                    # Logged as kind "diagnostics" with the summary's names less their
+                    # "diagnostics/" prefix: TensorBoard shows them as diagnostics/<name>.
+                    _, diag = diagnose(state["params"], eval_batches)
+                    diag = {k.removeprefix("diagnostics/"): v for k, v in diag.items()}
+                    logger.write("diagnostics", step, diag)
+                    logger.console_line("diagnostics", step, diag, ("sink_rate_mean", "entropy_mean",
+                                                                     "max_activation"))
                     meter.restart()
                 if step % tc.checkpoint_every == 0:
                     save(step)

@@ -8,11 +8,14 @@ each run's metrics.jsonl and eval/suite-*.json, and writes into SWEEP_DIR/report
     results.csv     one row per point: its labels, status, mixers, params (total and by part),
                     training FLOPs/token, decode-state bytes, final loss / bits per byte /
                     accuracy, every suite metric
-    results.md      the same as one Markdown table (suite grid cells, names with "@", left to the CSV)
+    results.md      the same as one Markdown table (aggregate suite metrics and bits/byte per
+                    length; per-cell and per-layer metrics, names with "@", only in the CSV)
     recall_vs_full_share.png  each recall metric against the share of full-attention layers, one
                     line per group (the labels other than ratio and seed), mean over seeds with
                     the min-max range; with no ratio axis, one bar per point
     lm_vs_full_share.png      final validation loss and bits per byte the same way
+    mqar_by_difficulty.png    MQAR recall per (kv pairs, sequence length) cell of the mqar suite,
+                              the same way (harder and longer than trained included)
     loss_curves.png           training loss against step, one panel per group
     niah_heatmap.png          needle accuracy over context length x needle depth (niah suite)
     loss_by_position.png      loss by position bucket at each evaluated length (length suite)
@@ -102,9 +105,17 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _table_metric(name: str) -> bool:
+    """Suite metrics shown in results.md: the aggregates (no "@"), plus bits/byte at each length
+    of the length suite; per-cell and per-layer metrics stay in the CSV."""
+    suite = name.split("/")[0]
+    if suite not in ("mqar", "niah", "length", "diagnostics"):
+        return False
+    return "@" not in name or name.startswith("length/bpb@")
+
+
 def _markdown(rows: list[dict], axes: list[str]) -> str:
-    suite_cols = [c for c in _columns(rows) if "/" in c and "@" not in c and c.split("/")[0] in
-                  ("mqar", "niah", "length", "diagnostics")]
+    suite_cols = [c for c in _columns(rows) if _table_metric(c)]
     cols = (["point", "status", "mixers"] + [a for a in axes if a not in ("point",)] +
             ["params", "flops_per_token", f"state_bytes@{STATE_LENGTH}", "final/loss", "final/bits_per_byte",
              "final/accuracy"] + suite_cols)
@@ -148,13 +159,18 @@ def _by_share(rows, metric):
     return {g: [(x, sum(vs) / len(vs), min(vs), max(vs)) for x, vs in sorted(d.items())] for g, d in groups.items()}
 
 
-def _metric_panels(plt, rows, metrics, title, ylabels, path) -> Path | None:
+def _metric_panels(plt, rows, metrics, title, ylabels, path, per_row: int = 5) -> Path | None:
+    """One panel per metric: against the full-attention share (one line per group) when the
+    sweep has a ratio axis, else one bar per point."""
     if not metrics:
         return None
     n = len(metrics)
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False)
+    ncols, nrows = min(n, per_row), math.ceil(n / per_row)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 4.0 * nrows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
     has_share = any("full_share" in r for r in rows)
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes.flat, metrics):
         if has_share:
             for g, pts in _by_share(rows, metric).items():
                 xs = [p[0] for p in pts]
@@ -176,6 +192,17 @@ def _metric_panels(plt, rows, metrics, title, ylabels, path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _mqar_cells(rows: list[dict]) -> list[str]:
+    """mqar/acc@kv<k>_T<t> metrics, ordered by sequence length then kv pairs."""
+    import re
+    cells = []
+    for k in _columns(rows):
+        m = re.fullmatch(r"mqar/acc@kv(\d+)_T(\d+)", k)
+        if m:
+            cells.append((int(m[2]), int(m[1]), k))
+    return [k for *_, k in sorted(cells)]
 
 
 def _loss_curves(plt, sweep_dir: Path, rows, path) -> Path | None:
@@ -313,9 +340,13 @@ def write_report(sweep_dir: str | Path) -> list[Path]:
     ylabels = {m: "accuracy (fraction correct)" for m in recall}
     ylabels.update({"final/loss": "validation loss (nats/token)", "final/bits_per_byte": "bits per byte"})
     lm = [m for m in ("final/loss", "final/bits_per_byte") if any(isinstance(r.get(m), (int, float)) for r in rows)]
+    cells = _mqar_cells(rows)
+    ylabels.update({c: "recall accuracy on the answers" for c in cells})
     for made in (
         _metric_panels(plt, rows, recall, "Recall against the hybrid ratio", ylabels, out / "recall_vs_full_share.png"),
         _metric_panels(plt, rows, lm, "Language modelling against the hybrid ratio", ylabels, out / "lm_vs_full_share.png"),
+        _metric_panels(plt, rows, cells, "MQAR recall by difficulty (kv pairs, sequence length)", ylabels,
+                       out / "mqar_by_difficulty.png", per_row=4),
         _loss_curves(plt, sweep_dir, rows, out / "loss_curves.png"),
         _niah_heatmap(plt, sweep_dir, rows, out / "niah_heatmap.png"),
         _loss_by_position(plt, sweep_dir, rows, out / "loss_by_position.png"),

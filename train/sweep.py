@@ -67,7 +67,12 @@ def shard_runs(points: list[Point], shard: tuple[int, int]) -> list[str]:
 
 def plan(spec_path: str | Path) -> tuple[SweepSpec, list[Point]]:
     from train.cli import load_config
+    from train.evals import parse_suites
     spec = load_spec(spec_path)
+    try:
+        parse_suites(list(spec.evals))
+    except ConfigError as e:
+        raise ConfigError(f"{spec.source}: evals: {e}") from None
     return spec, expand(spec, load_config)
 
 

@@ -36,21 +36,33 @@ def _parse(argv):
 
 
 def _suites(run_dir: Path, names: list[str], seed: int) -> tuple[dict, dict]:
-    """(summaries, errors) of each suite; one suite failing does not stop the others. The full
-    records stay where the suites write them, RUN_DIR/eval/suite-<name>-step<N>.json."""
+    """(summaries, errors) of each suite; a suite that does not apply or fails does not stop
+    the others. The checkpoint is loaded once for all of them; the full records stay where the
+    suites write them, RUN_DIR/eval/suite-<name>-step<N>.json."""
+    from train.artifacts import load_config
     from train.errors import USER_ERRORS
-    from train.evals import run_suites
-    summaries, errors = {}, {}
+    from train.evals import check_suites, run_suites
+    summaries, errors, ok = {}, {}, []
+    cfg = load_config(run_dir)
     for name in names:
         try:
-            record = run_suites(run_dir, [name], seed=seed)[name]
+            check_suites(cfg, [name])
+            ok.append(name)
         except USER_ERRORS as e:
             errors[name] = str(e)
-            print(f"eval suite {name} failed: {e}", file=sys.stderr, flush=True)
-            continue
+
+    def done(name, record, path):
         summaries[name] = record.get("summary", {})
         print(f"eval suite {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in summaries[name].items()
                                                    if isinstance(v, (int, float))), flush=True)
+
+    try:
+        if ok:
+            run_suites(run_dir, ok, seed=seed, on_record=done)
+    except USER_ERRORS as e:
+        errors.update({n: str(e) for n in ok if n not in summaries})
+    for name, e in errors.items():
+        print(f"eval suite {name} failed: {e}", file=sys.stderr, flush=True)
     return summaries, errors
 
 

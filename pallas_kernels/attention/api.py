@@ -4,6 +4,7 @@
     out = attention(q, k, v, segment_ids=seg, positions=pos)                    # training
     out = attention(q_new, k_cache, v_cache, segment_ids=seg_new, positions=pos_new,
                     kv_segment_ids=cache_seg, kv_positions=cache_pos)           # decode
+    out, lse = attention_with_lse(q, k, v, segment_ids=seg, positions=pos)     # diagnostics
 
 Implementations ("xla": blocked, memory-efficient; "reference": dense) are chosen by
 `pallas_kernels.dispatch`; `dispatch.describe("attention")` says which one served the latest call.
@@ -19,11 +20,18 @@ from pallas_kernels import dispatch
 from pallas_kernels.attention import reference, xla
 
 OP = "attention"
+# Forward only, also returning the per-query log-sum-exp (attention statistics, e.g. the
+# sink rate and entropy of train/evals/diagnostics.py). A separate op, so that the training
+# op's contract, outputs and choice stay exactly as they are.
+OP_LSE = "attention_with_lse"
 
 dispatch.register(OP, "xla", xla.attention)
 dispatch.register(OP, "reference", reference.attention)
 # Pallas kernels will go first on GPU/TPU once they exist.
 dispatch.set_order(OP, ("xla", "reference"))
+dispatch.register(OP_LSE, "xla", xla.attention_with_lse)
+dispatch.register(OP_LSE, "reference", reference.attention_with_lse)
+dispatch.set_order(OP_LSE, ("xla", "reference"))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -58,6 +66,30 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     Returns:
       [B, Tq, H, D] in q.dtype.
     """
+    return _call(OP, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
+                 logit_softcap, scale, implementation, block_q, block_k)
+
+
+def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                       segment_ids: jax.Array, positions: jax.Array,
+                       kv_segment_ids: jax.Array | None = None, kv_positions: jax.Array | None = None,
+                       window: int | None = None, logit_softcap: float | None = None,
+                       scale: float | None = None, implementation: str | None = None,
+                       block_q: int = 128, block_k: int = 128) -> tuple[jax.Array, jax.Array]:
+    """`attention` (same arguments and mask) that also returns each query's log-sum-exp.
+
+    Returns (out [B, Tq, H, D] in q.dtype, lse float32 [B, Tq, H]), where
+    lse_i = log sum_j exp(s_ij) over the keys j visible to query i, s_ij the scaled and (with
+    `logit_softcap`) soft-capped logit; the probabilities are p_ij = exp(s_ij - lse_i). A query
+    without any visible key has lse 0 (and output 0). Forward only: not differentiable.
+    """
+    return _call(OP_LSE, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
+                 logit_softcap, scale, implementation, block_q, block_k)
+
+
+def _call(op, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
+          logit_softcap, scale, implementation, block_q, block_k):
+    """Check the arguments, normalise them and dispatch `op` (OP or OP_LSE)."""
     _check(q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
            logit_softcap, block_q, block_k)
     self_attention = kv_segment_ids is None
@@ -70,7 +102,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         q=q, k=k, v=v, self_attention=self_attention, window=window,
         logit_softcap=logit_softcap, block_q=block_q, block_k=block_k)
     return dispatch.call(
-        OP, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions,
+        op, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions,
         implementation=implementation, signature=signature, window=window,
         logit_softcap=logit_softcap, scale=scale, index_causal=self_attention,
         block_q=int(block_q), block_k=int(block_k))

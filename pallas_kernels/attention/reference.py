@@ -27,6 +27,26 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array,
     index_causal, block_q, block_k: scheduling hints of the blocked implementations, unused.
     """
     del index_causal, block_q, block_k
+    return _attention(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions,
+                      window=window, logit_softcap=logit_softcap, scale=scale)[0]
+
+
+def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array,
+                       q_segment_ids: jax.Array, q_positions: jax.Array,
+                       kv_segment_ids: jax.Array, kv_positions: jax.Array, *,
+                       window: int | None, logit_softcap: float | None, scale: float,
+                       index_causal: bool = False, block_q: int | None = None,
+                       block_k: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """`attention` plus each query's log-sum-exp over its visible (scaled, soft-capped) logits:
+    lse float32 [B, Tq, H], 0 for a query that sees no key."""
+    del index_causal, block_q, block_k
+    return _attention(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions,
+                      window=window, logit_softcap=logit_softcap, scale=scale)
+
+
+def _attention(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions, *,
+               window, logit_softcap, scale) -> tuple[jax.Array, jax.Array]:
+    """(out [B, Tq, H, D] in q.dtype, lse float32 [B, Tq, H])."""
     b, tq, h, d = q.shape
     kv_heads = k.shape[2]
     f32 = jnp.float32
@@ -42,6 +62,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array,
     m = jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
     p = jnp.where(mask, jnp.exp(s - m), 0.0)
     denom = p.sum(axis=-1, keepdims=True)
-    p = p / jnp.where(denom > 0, denom, 1.0)
+    seen = denom > 0
+    p = p / jnp.where(seen, denom, 1.0)
     out = jnp.einsum("bkgqt,btkd->bqkgd", p, v.astype(f32))
-    return out.reshape(b, tq, h, v.shape[-1]).astype(q.dtype)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), 0.0)[..., 0]  # [B, K, G, Tq]
+    lse = lse.transpose(0, 3, 1, 2).reshape(b, tq, h)
+    return out.reshape(b, tq, h, v.shape[-1]).astype(q.dtype), lse

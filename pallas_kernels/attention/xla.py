@@ -68,6 +68,26 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array,
     index_causal: k/v are the query tokens themselves (Tk == Tq), so blocks can be skipped by
     index (see the module docstring). Returns [B, Tq, H, D] in q.dtype.
     """
+    return _attention(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions,
+                      window=window, logit_softcap=logit_softcap, scale=scale,
+                      index_causal=index_causal, block_q=block_q, block_k=block_k, with_lse=False)
+
+
+def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array,
+                       q_segment_ids: jax.Array, q_positions: jax.Array,
+                       kv_segment_ids: jax.Array, kv_positions: jax.Array, *,
+                       window: int | None, logit_softcap: float | None, scale: float,
+                       index_causal: bool, block_q: int, block_k: int) -> tuple[jax.Array, jax.Array]:
+    """`attention` plus the log-sum-exp the forward pass keeps per query: (out [B, Tq, H, D],
+    lse float32 [B, Tq, H], 0 for a query that sees no key). Forward only: it runs the forward
+    passes directly, outside the custom_vjp (nothing here is differentiated)."""
+    return _attention(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions,
+                      window=window, logit_softcap=logit_softcap, scale=scale,
+                      index_causal=index_causal, block_q=block_q, block_k=block_k, with_lse=True)
+
+
+def _attention(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions, *,
+               window, logit_softcap, scale, index_causal, block_q, block_k, with_lse: bool):
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     if dtype not in _SUPPORTED:
         raise NotImplementedError(f"dtype {dtype} (supported: float32, bfloat16, float16)")
@@ -80,12 +100,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array,
     qs, qp = _id_blocks(q_segment_ids, bq), _id_blocks(q_positions, bq)
     ks, kp = _id_blocks(kv_segment_ids, bk), _id_blocks(kv_positions, bk)
     if not index_causal and bq == tq and tq * cfg.groups <= _DECODE_ROWS:
-        out = _decode(cfg, q, _pad_time(k, bk), _pad_time(v, bk), qs, qp, ks, kp)
-        return out.astype(q.dtype)
-    qb = _q_blocks(q, kv_heads, bq)
-    kb, vb = _kv_blocks(k, bk), _kv_blocks(v, bk)
-    out = _flash(cfg, qb, kb, vb, qs, qp, ks, kp)
-    return _from_q_blocks(out, tq, h).astype(q.dtype)
+        args = (cfg, q, _pad_time(k, bk), _pad_time(v, bk), qs, qp, ks, kp)
+        if not with_lse:
+            return _decode(*args).astype(q.dtype)
+        out, lse = _decode_forward(*args)
+        return out.astype(q.dtype), _lse_from_blocks(lse, tq, h)
+    args = (cfg, _q_blocks(q, kv_heads, bq), _kv_blocks(k, bk), _kv_blocks(v, bk), qs, qp, ks, kp)
+    if not with_lse:
+        return _from_q_blocks(_flash(*args), tq, h).astype(q.dtype)
+    out, lse = _forward(*args)
+    return _from_q_blocks(out, tq, h).astype(q.dtype), _lse_from_blocks(lse, tq, h)
+
+
+def _lse_from_blocks(lse: jax.Array, tq: int, h: int) -> jax.Array:
+    """[nq, B, K, G, bq] -> [B, Tq, H] (head h = kv head h // G, group h % G)."""
+    nq, b, kv_heads, g, bq = lse.shape
+    return lse.transpose(1, 0, 4, 2, 3).reshape(b, nq * bq, h)[:, :tq]
 
 
 def _block_sizes(tq: int, tk: int, block_q: int, block_k: int, index_causal: bool):

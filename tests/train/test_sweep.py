@@ -99,6 +99,13 @@ def test_bad_specs_name_the_key(tmp_path, text, message):
         expand(load_spec(_spec(tmp_path, text)), load_config)
 
 
+def test_unknown_eval_suite_is_refused_before_anything_runs(tmp_path, capsys):
+    spec = _spec(tmp_path, 'base = "mqar"\nevals = ["mqar", "recall"]\n')
+    assert sweep_main([str(spec), "--out", str(tmp_path / "sw")]) == 2
+    assert "evals: --suite: unknown suite 'recall'; accepted: mqar, niah, length, diagnostics" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()
+
+
 def test_shards_cover_every_run_exactly_once(tmp_path):
     spec = load_spec(_spec(tmp_path, f'base = "mqar"\noverrides = {json.dumps(SMALL)}\nseeds = [0, 1, 2, 3, 4]\n'
                                      '[[axis]]\nfield = "optimizer.lr"\nvalues = [1e-3, 2e-3, 3e-3]'))
