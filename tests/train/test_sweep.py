@@ -192,6 +192,7 @@ def test_sweep_end_to_end_skips_done_runs_and_records_a_failing_one(tmp_path):
     spec = _spec(tmp_path, f"""
 base = "mqar"
 overrides = {json.dumps(SMALL)}
+evals = ["mqar"]
 [[axis]]
 name = "data"
 values = {{ ok = [], broken = ["data.mqar.num_train_examples=0"] }}
@@ -202,7 +203,9 @@ values = {{ ok = [], broken = ["data.mqar.num_train_examples=0"] }}
     ok = json.loads((out / "records" / "data-ok.json").read_text())
     bad = json.loads((out / "records" / "data-broken.json").read_text())
     assert ok["status"] == "done" and ok["final"]["loss"] > 0 and ok["stats"]["params"] > 0
-    assert ok["overhead_s"] < ok["wall_s"]
+    assert ok["overhead_s"] < ok["wall_s"] and ok["evals"] == ["mqar"]
+    suite_file = json.loads((out / "runs" / "data-ok" / "eval" / "suite-mqar-step4.json").read_text())
+    assert ok["suites"]["mqar"] == suite_file["summary"] and "mqar/acc_mean" in ok["suites"]["mqar"]
     assert bad["status"] == "failed" and bad["exit_code"] != 0 and bad["error"]
     assert (out / "runs" / "data-ok" / "checkpoints").is_dir() and (out / "report" / "results.md").is_file()
     second = _run_sweep([str(spec), "--out", str(out)])
