@@ -44,3 +44,25 @@ def trains_briefly(tmp_path):
         return (tmp_path / "train.log").read_text()
 
     return check
+
+
+@pytest.fixture
+def largest_intermediate():
+    """`largest_intermediate(jaxpr) -> int`: elements of the largest value any equation of
+    `jaxpr` defines, sub-jaxprs (loops, conds, custom rules) included; for checking that a
+    blocked path never forms a T x T array."""
+    import math
+
+    def largest(jaxpr) -> int:
+        out = 0
+        for eqn in jaxpr.eqns:
+            for var in eqn.outvars:
+                out = max(out, math.prod(getattr(var.aval, "shape", ())))
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                    if hasattr(sub, "eqns"):
+                        out = max(out, largest(sub))
+        return out
+
+    return largest

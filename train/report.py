@@ -159,7 +159,7 @@ def _by_share(rows, metric):
     return {g: [(x, sum(vs) / len(vs), min(vs), max(vs)) for x, vs in sorted(d.items())] for g, d in groups.items()}
 
 
-def _metric_panels(plt, rows, metrics, title, ylabels, path, per_row: int = 5) -> Path | None:
+def _metric_panels(plt, rows, metrics, title, ylabels, path, per_row: int = 5, unit_range: bool = False) -> Path | None:
     """One panel per metric: against the full-attention share (one line per group) when the
     sweep has a ratio axis, else one bar per point."""
     if not metrics:
@@ -176,13 +176,17 @@ def _metric_panels(plt, rows, metrics, title, ylabels, path, per_row: int = 5) -
                 xs = [p[0] for p in pts]
                 ax.errorbar(xs, [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
                             marker="o", capsize=3, label=g)
-            ax.set_xlabel("share of full-attention layers")
+            ticks = {r["full_share"]: r.get("ratio", "") for r in rows if "full_share" in r}
+            ax.set_xticks(sorted(ticks), [f"{x:.2f}\n{ticks[x]}" for x in sorted(ticks)], fontsize=8)
+            ax.set_xlabel("share of full-attention layers (linear:full)")
             ax.set_xlim(-0.05, 1.05)
         else:
             done = [r for r in rows if isinstance(r.get(metric), (int, float))]
             ax.bar(range(len(done)), [r[metric] for r in done])
             ax.set_xticks(range(len(done)), [r["point"] for r in done], rotation=60, ha="right", fontsize=7)
         ax.set_ylabel(ylabels.get(metric, metric))
+        if unit_range:  # accuracies: the same 0-1 scale in every panel
+            ax.set_ylim(-0.03, 1.03)
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         if has_share and ax.get_legend_handles_labels()[0]:
@@ -343,10 +347,11 @@ def write_report(sweep_dir: str | Path) -> list[Path]:
     cells = _mqar_cells(rows)
     ylabels.update({c: "recall accuracy on the answers" for c in cells})
     for made in (
-        _metric_panels(plt, rows, recall, "Recall against the hybrid ratio", ylabels, out / "recall_vs_full_share.png"),
+        _metric_panels(plt, rows, recall, "Recall against the hybrid ratio", ylabels, out / "recall_vs_full_share.png",
+                       unit_range=True),
         _metric_panels(plt, rows, lm, "Language modelling against the hybrid ratio", ylabels, out / "lm_vs_full_share.png"),
         _metric_panels(plt, rows, cells, "MQAR recall by difficulty (kv pairs, sequence length)", ylabels,
-                       out / "mqar_by_difficulty.png", per_row=4),
+                       out / "mqar_by_difficulty.png", per_row=4, unit_range=True),
         _loss_curves(plt, sweep_dir, rows, out / "loss_curves.png"),
         _niah_heatmap(plt, sweep_dir, rows, out / "niah_heatmap.png"),
         _loss_by_position(plt, sweep_dir, rows, out / "loss_by_position.png"),

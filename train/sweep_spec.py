@@ -23,7 +23,8 @@ A spec names a base config, the axes to vary and the evaluations to run on every
     name = "width"
     values = { small = ["model.d_model=64"], large = ["model.d_model=128", "model.mixers.attn.num_heads=4"] }
 
-Points are the product of the axes (seeds last), in the order written. A `.py` spec defines a
+Points are the product of the axes, in the order written, seeds varying slowest (so a sweep cut
+short has run every point of its first seed). A `.py` spec defines a
 dict `SWEEP` with the same keys (or a function `sweep()` returning one), for specs that are
 easier to compute than to write.
 
@@ -259,7 +260,11 @@ def expand(spec: SweepSpec, load_config) -> list[Point]:
     except ConfigError as e:
         raise ConfigError(f"{spec.source or spec.name}: overrides: {e}") from None
     points, runs = [], {}
-    for combo in itertools.product(*[range(len(a.labels)) for a in spec.axes]):
+    # Seeds vary slowest: a sweep cut short has every point of the first seed, not every seed
+    # of the first points. Labels and overrides keep the spec's axis order.
+    order = sorted(range(len(spec.axes)), key=lambda i: spec.axes[i].name != "seed")
+    for picked in itertools.product(*[range(len(spec.axes[i].labels)) for i in order]):
+        combo = [picked[order.index(i)] for i in range(len(spec.axes))]
         labels, overrides = {}, []
         for a, i in zip(spec.axes, combo):
             labels[a.name] = a.labels[i]

@@ -368,22 +368,8 @@ def test_invalid_arguments_raise_value_error(kwargs, match):
 
 # ----------------------------------------------------------------------------- memory
 
-def _largest_intermediate(jaxpr) -> int:
-    """Elements of the largest value defined anywhere in `jaxpr`, sub-jaxprs included."""
-    largest = 0
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            largest = max(largest, math.prod(getattr(var.aval, "shape", ())))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-                if hasattr(sub, "eqns"):
-                    largest = max(largest, _largest_intermediate(sub))
-    return largest
-
-
 @pytest.mark.parametrize("impl,materialises", [("xla", False), ("reference", True)])
-def test_no_tq_by_tk_array_in_forward_or_backward(impl, materialises):
+def test_no_tq_by_tk_array_in_forward_or_backward(impl, materialises, largest_intermediate):
     b, t, h, kvh, d = 1, 2048, 2, 1, 16
     q = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)
     kv = jax.ShapeDtypeStruct((b, t, kvh, d), jnp.float32)
@@ -395,5 +381,5 @@ def test_no_tq_by_tk_array_in_forward_or_backward(impl, materialises):
         return out.sum()
 
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, kv, kv, ids, ids)
-    per_batch_head = _largest_intermediate(jaxpr.jaxpr) / (b * h)
+    per_batch_head = largest_intermediate(jaxpr.jaxpr) / (b * h)
     assert (per_batch_head >= t * t) == materialises, per_batch_head
