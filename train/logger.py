@@ -32,7 +32,7 @@ def _fmt(v) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` so that a reader (or a kill) sees the old file or the new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: concurrent writers (sweep shards) never share one
     tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -30,6 +30,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -142,6 +143,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    """PNG written whole or not at all (sweep shards may write the report at the same time)."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _recall_metrics(rows: list[dict]) -> list[str]:
     keys = _columns(rows)
     return [k for k in keys if k.split("/")[0] in ("mqar", "niah") and "@" not in k
@@ -193,8 +202,7 @@ def _metric_panels(plt, rows, metrics, title, ylabels, path, per_row: int = 5, u
             ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -241,8 +249,7 @@ def _loss_curves(plt, sweep_dir: Path, rows, path) -> Path | None:
         ax.legend(fontsize=7)
     fig.suptitle("Training loss")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -284,8 +291,7 @@ def _niah_heatmap(plt, sweep_dir: Path, rows, path) -> Path | None:
     if im is not None:
         fig.colorbar(im, ax=axes, label="retrieval accuracy", shrink=0.8)
     fig.suptitle("Needle in a haystack: exact greedy retrieval")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -310,8 +316,7 @@ def _loss_by_position(plt, sweep_dir: Path, rows, path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
