@@ -12,7 +12,7 @@ each run's metrics.jsonl and eval/suite-*.json, and writes into SWEEP_DIR/report
                     length; per-cell and per-layer metrics, names with "@", only in the CSV)
     recall_vs_full_share.png  each recall metric against the share of full-attention layers, one
                     line per group (the labels other than ratio and seed), mean over seeds with
-                    the min-max range; with no ratio axis, one bar per point
+                    the min-max range; with no ratio axis, one bar per group the same way
     lm_vs_full_share.png      final validation loss and bits per byte the same way
     mqar_by_difficulty.png    MQAR recall per (kv pairs, sequence length) cell of the mqar suite,
                               the same way (harder and longer than trained included)
@@ -189,10 +189,17 @@ def _metric_panels(plt, rows, metrics, title, ylabels, path, per_row: int = 5, u
             ax.set_xticks(sorted(ticks), [f"{x:.2f}\n{ticks[x]}" for x in sorted(ticks)], fontsize=8)
             ax.set_xlabel("share of full-attention layers (linear:full)")
             ax.set_xlim(-0.05, 1.05)
-        else:
-            done = [r for r in rows if isinstance(r.get(metric), (int, float))]
-            ax.bar(range(len(done)), [r[metric] for r in done])
-            ax.set_xticks(range(len(done)), [r["point"] for r in done], rotation=60, ha="right", fontsize=7)
+        else:  # one bar per group: the mean over seeds, the whiskers their range
+            groups: dict[str, list[float]] = {}
+            for r in rows:
+                if r.get("status") == "done" and isinstance(r.get(metric), (int, float)):
+                    groups.setdefault(_group_key({k: r[k] for k in r["_labels"]}), []).append(r[metric])
+            names = list(groups)
+            means = [sum(v) / len(v) for v in groups.values()]
+            err = [[m - min(v) for m, v in zip(means, groups.values())],
+                   [max(v) - m for m, v in zip(means, groups.values())]]
+            ax.bar(range(len(names)), means, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(names))])
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(ylabels.get(metric, metric))
         if unit_range:  # accuracies: the same 0-1 scale in every panel
             ax.set_ylim(-0.03, 1.03)

@@ -23,8 +23,8 @@ A spec names a base config, the axes to vary and the evaluations to run on every
     name = "width"
     values = { small = ["model.d_model=64"], large = ["model.d_model=128", "model.mixers.attn.num_heads=4"] }
 
-Points are the product of the axes, in the order written, seeds varying slowest (so a sweep cut
-short has run every point of its first seed). A `.py` spec defines a
+Points are the product of the axes: seeds vary slowest, then the [[axis]] entries in the order
+written, then the ratio fastest, so a sweep cut short has whole ratio curves of its first seed. A `.py` spec defines a
 dict `SWEEP` with the same keys (or a function `sweep()` returning one), for specs that are
 easier to compute than to write.
 
@@ -197,12 +197,12 @@ def spec_from_dict(raw: dict, *, default_name: str, source: str = "") -> SweepSp
         raise ConfigError(f"{source or 'sweep spec'}: needs base = a preset, .py or config.json")
     where = source or "spec"
     axes = []
-    if "ratio" in raw:
-        axes.append(_ratio_axis(raw["ratio"], f"{where}: ratio"))
     for i, a in enumerate(_as_list(raw.get("axis", []), f"{where}: axis")):
         if not isinstance(a, dict):
             raise ConfigError(f"{where}: axis[{i}] must be a table with name, field, values")
         axes.append(_axis(a, f"{where}: axis[{i}]"))
+    if "ratio" in raw:  # after the axes: each mixer's whole ratio curve comes before the next mixer
+        axes.append(_ratio_axis(raw["ratio"], f"{where}: ratio"))
     if "seeds" in raw:
         seeds = _as_list(raw["seeds"], f"{where}: seeds")
         axes.append(Axis("seed", tuple(str(s) for s in seeds), tuple((f"train.seed={s}",) for s in seeds)))

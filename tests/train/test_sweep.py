@@ -61,12 +61,14 @@ values = ["gla", "gdn"]
 """))
     points = expand(spec, load_config)
     assert len(points) == 3 * 2 * 2
-    p = next(p for p in points if p.labels == {"ratio": "3:1", "mixer": "gdn", "seed": "1"})
+    p = next(p for p in points if p.labels == {"mixer": "gdn", "ratio": "3:1", "seed": "1"})
     assert p.cfg.model.layer_names() == ("lin", "lin", "lin", "attn") and p.cfg.model.mixer("lin").kind == "gdn"
     assert p.cfg.train.seed == 1 and p.extra == {"full_share": 0.25} and p.cfg.train.steps == 4
     # all-attention points of both mixers are one run; the others are distinct
     shared = {p.run for p in points if p.labels["ratio"] == "0:1"}
-    assert shared == {"ratio-0to1_mixer-any_seed-0", "ratio-0to1_mixer-any_seed-1"}
+    assert shared == {"mixer-any_ratio-0to1_seed-0", "mixer-any_ratio-0to1_seed-1"}
+    assert [q.labels["seed"] for q in points] == ["0"] * 6 + ["1"] * 6  # seeds vary slowest
+    assert [q.labels["ratio"] for q in points[:3]] == ["1:0", "3:1", "0:1"]  # the ratio fastest
     assert len({p.run for p in points}) == 10
 
 
