@@ -207,7 +207,7 @@ def _metric_panels(plt, rows, metrics, title, ylabels, path, per_row: int = 5, u
         ax.grid(alpha=0.3)
         if has_share and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title + ("" if has_share else " (mean over seeds; whiskers: their range)"))
     fig.tight_layout()
     _save(plt, fig, path)
     return path
@@ -225,7 +225,9 @@ def _mqar_cells(rows: list[dict]) -> list[str]:
 
 
 def _loss_curves(plt, sweep_dir: Path, rows, path) -> Path | None:
+    """Training loss against step: with a ratio axis one panel per group, else one panel."""
     curves: dict[str, list] = {}
+    share = any("full_share" in r for r in rows)
     for r in rows:
         metrics = sweep_dir / "runs" / r["run"] / "metrics.jsonl"
         if not metrics.is_file():
@@ -240,12 +242,16 @@ def _loss_curves(plt, sweep_dir: Path, rows, path) -> Path | None:
                 steps.append(rec["step"])
                 losses.append(rec["loss"])
         if steps:
-            label = ", ".join(f"{k}={r[k]}" for k in r["_labels"] if k in ("ratio", "seed")) or r["point"]
-            curves.setdefault(_group_key({k: r[k] for k in r["_labels"]}), []).append((label, steps, losses))
+            if share:  # a panel per group, a line per ratio and seed
+                label = ", ".join(f"{k}={r[k]}" for k in r["_labels"] if k in ("ratio", "seed")) or r["point"]
+                panel = _group_key({k: r[k] for k in r["_labels"]})
+            else:  # one panel, a line per point
+                label, panel = r["point"], "every point"
+            curves.setdefault(panel, []).append((label, steps, losses))
     if not curves:
         return None
     n = len(curves)
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n if n > 1 else 7.5, 4.5), squeeze=False, sharey=True)
     for ax, (g, cs) in zip(axes[0], curves.items()):
         for label, steps, losses in cs:
             ax.plot(steps, losses, label=label, lw=1.2)
@@ -357,11 +363,12 @@ def write_report(sweep_dir: str | Path) -> list[Path]:
     ylabels.update({"final/loss": "validation loss (nats/token)", "final/bits_per_byte": "bits per byte"})
     lm = [m for m in ("final/loss", "final/bits_per_byte") if any(isinstance(r.get(m), (int, float)) for r in rows)]
     cells = _mqar_cells(rows)
+    share = any("full_share" in r for r in rows)
     ylabels.update({c: "recall accuracy on the answers" for c in cells})
     for made in (
-        _metric_panels(plt, rows, recall, "Recall against the hybrid ratio", ylabels, out / "recall_vs_full_share.png",
+        _metric_panels(plt, rows, recall, "Recall" + (" against the hybrid ratio" if share else ""), ylabels, out / "recall_vs_full_share.png",
                        unit_range=True),
-        _metric_panels(plt, rows, lm, "Language modelling against the hybrid ratio", ylabels, out / "lm_vs_full_share.png"),
+        _metric_panels(plt, rows, lm, "Language modelling" + (" against the hybrid ratio" if share else ""), ylabels, out / "lm_vs_full_share.png"),
         _metric_panels(plt, rows, cells, "MQAR recall by difficulty (kv pairs, sequence length)", ylabels,
                        out / "mqar_by_difficulty.png", per_row=4, unit_range=True),
         _loss_curves(plt, sweep_dir, rows, out / "loss_curves.png"),

@@ -8,7 +8,8 @@
 Implementations, chosen by `pallas_kernels.dispatch` (`dispatch.describe(OP)` says which one
 served the latest call):
   "reference"  token-by-token lax.scan (reference.py), the definition;
-  "xla"        chunked WY/UT form: per-chunk triangular solves, a carried state (xla.py);
+  "xla"        chunked WY/UT form: per-chunk unit-lower solves by blocked substitution (no
+               lax.linalg.triangular_solve: slow on XLA:CPU), a carried state (xla.py);
   "gpu"        Pallas Triton kernels (gpu.py), custom_vjp with backward kernels;
   "tpu"        Pallas Mosaic kernels (tpu.py), custom_vjp with backward kernels.
 Order tried with implementation=None: gpu / tpu on their platform, then xla, then reference.

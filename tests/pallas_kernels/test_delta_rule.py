@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import dispatch
-from pallas_kernels.delta_rule import common, reference
+from pallas_kernels.delta_rule import common, reference, xla
 from pallas_kernels.delta_rule.api import OP, PALLAS, decode_step, delta_rule
 
 IMPLS = dispatch.implementations(OP)
@@ -303,6 +303,59 @@ def test_long_sequence_stays_finite_and_matches(impl, decay):
     want_o, want_s = run("reference", case, q, k, v, beta, g, s0, seg)
     assert_close(o, want_o, 1e-4, "o")
     assert_close(s, want_s, 1e-4, "final state")
+
+
+# ----------------------------------------------------------------------------- xla: the WY inverse
+
+def _wy_system(c: int, beta_max: float, seed: int = 0) -> np.ndarray:
+    """A strictly lower A [3, c, c] (float64) of the WY form: beta_i exp(G_i - G_j) k_i . k_j,
+    unit keys with every other key repeated (the most coupled system), beta up to beta_max."""
+    rng = np.random.default_rng(seed)
+    k = rng.normal(size=(3, c, 8))
+    k[:, 1::2] = k[:, ::2]
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    beta = beta_max / (1 + np.exp(-rng.normal(size=(3, c))))
+    g = np.cumsum(-0.05 * rng.random(size=(3, c)), axis=-1)
+    decay = np.exp(np.minimum(g[:, :, None] - g[:, None, :], 0.0))
+    return np.tril(beta[:, :, None] * (k @ np.swapaxes(k, -1, -2)) * decay, -1)
+
+
+@pytest.mark.parametrize("c", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("beta_max", [1.0, 1.999])
+def test_xla_unit_lower_solve_equals_the_exact_solve(c, beta_max):
+    """The blocked substitution (diagonal blocks by substitution, merged by matmuls) equals the
+    float64 inverse of I + A; the solve X = (I + A)^-1 R and its VJP (d R = T^T dX,
+    dA = -strict_lower(dR X^T)) equal their float64 values."""
+    a = _wy_system(c, beta_max)
+    rng = np.random.default_rng(1)
+    rhs, dx = rng.normal(size=(*a.shape[:-1], 24)), rng.normal(size=(*a.shape[:-1], 24))
+    t_exact = np.linalg.inv(np.eye(c) + a)
+    x_exact = t_exact @ rhs
+    drhs_exact = np.swapaxes(t_exact, -1, -2) @ dx
+    da_exact = -np.tril(drhs_exact @ np.swapaxes(x_exact, -1, -2), -1)
+    a32, rhs32 = jnp.asarray(a, jnp.float32), jnp.asarray(rhs, jnp.float32)
+    assert_close(xla.unit_lower_inverse(a32), t_exact, 2e-6, "inverse")
+    x, vjp = jax.vjp(xla.unit_lower_solve, a32, rhs32)
+    da, drhs = vjp(jnp.asarray(dx, jnp.float32))
+    assert_close(x, x_exact, 2e-6, "solve")
+    assert_close(drhs, drhs_exact, 2e-6, "d rhs")
+    assert_close(da, da_exact, 2e-6, "d a")
+
+
+def test_xla_has_no_triangular_solve_forward_or_backward():
+    """XLA:CPU runs a batched `triangular_solve` as a slow per-matrix loop (and far slower still
+    under load): neither the xla path nor its gradient may contain one."""
+    case = Case("no_solve", t=70, chunk=64)
+    q_k_v, beta, g, s0, seg = make_inputs(case)
+    args = (*q_k_v, beta, g, s0)
+
+    def loss(*a):
+        o, s = run("xla", case, *a, seg)
+        return jnp.sum(o) + jnp.sum(s)
+
+    for fn in (lambda *a: run("xla", case, *a, seg), jax.grad(loss, argnums=tuple(range(6)))):
+        assert "triangular_solve" not in str(jax.make_jaxpr(fn)(*args))
+        assert "triangular_solve" not in jax.jit(fn).lower(*args).as_text()
 
 
 # ----------------------------------------------------------------------------- dispatch, errors
