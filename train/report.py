@@ -284,9 +284,11 @@ def _niah_heatmap(plt, sweep_dir: Path, rows, path) -> Path | None:
         return None
     n = len(panels)
     cols = min(n, 4)
-    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.6 * math.ceil(n / cols)), squeeze=False)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols + 1.5, 3.0 * nrows + 0.8), squeeze=False,
+                             layout="constrained")
     im = None
-    for ax, (run, rec) in zip(axes.flat, panels):
+    for k, (ax, (run, rec)) in enumerate(zip(axes.flat, panels)):
         cells = [c for c in rec["results"]["grid"] if c["task"] == "needle"] or rec["results"]["grid"]
         lengths = sorted({c["context_len"] for c in cells})
         depths = sorted({c["depth"] for c in cells})
@@ -294,41 +296,55 @@ def _niah_heatmap(plt, sweep_dir: Path, rows, path) -> Path | None:
         for c in cells:
             grid[depths.index(c["depth"])][lengths.index(c["context_len"])] = c["correct"] / max(c["trials"], 1)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if not math.isnan(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if v < 0.5 else "black")
         ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
+        if k % cols == 0:
+            ax.set_ylabel("needle depth")
+        if k + cols >= n:
+            ax.set_xlabel("context length (tokens)")
         ax.set_title(run, fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     if im is not None:
-        fig.colorbar(im, ax=axes, label="retrieval accuracy", shrink=0.8)
-    fig.suptitle("Needle in a haystack: exact greedy retrieval")
+        fig.colorbar(im, ax=axes, label="retrieval accuracy (fraction of trials)", shrink=0.8)
+    fig.suptitle("Needle in a haystack (held-out text): exact greedy retrieval of the needle")
     _save(plt, fig, path)
     return path
 
 
 def _loss_by_position(plt, sweep_dir: Path, rows, path) -> Path | None:
+    """One panel per evaluated length (1x, 2x, 4x the training length), one line per run: the
+    held-out loss in each position bucket of the length suite."""
     series = []
     for r in rows:
         rec = _suite_record(sweep_dir, r["run"], "length")
-        if not rec or r["run"] in [s[0] for s in series]:
-            continue
-        series.append((r["run"], rec["results"]))
+        if rec and r["run"] not in [s[0] for s in series]:
+            series.append((r["run"], {e["factor"]: e for e in rec["results"].get("lengths", [])}))
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for run, res in series:
-        for entry in res.get("lengths", []):
+    factors = sorted({f for _, by in series for f in by})
+    fig, axes = plt.subplots(1, len(factors), figsize=(5.0 * len(factors) + 3.0, 4.5), squeeze=False, sharey=True)
+    for ax, factor in zip(axes[0], factors):
+        for i, (run, by) in enumerate(series):
+            entry = by.get(factor)
+            if entry is None:
+                continue
             xs = [b["start"] for b in entry["buckets"]] + [entry["buckets"][-1]["end"]]
             ys = [b["loss"] for b in entry["buckets"]]
-            ax.step(xs, ys + ys[-1:], where="post", label=f"{run} (T={entry['seq_len']})", lw=1.2)
-    ax.set_xlabel("position in the sequence (tokens)")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Loss by position at 1x, 2x and 4x the training length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+            ax.step(xs, ys + ys[-1:], where="post", color=f"C{i % 10}", ls="-" if i < 10 else "--",
+                    lw=1.2, label=run if factor == factors[0] else None)
+        ax.set_title(f"{factor}x the training length (T={entry['seq_len'] if entry else '?'})")
+        ax.set_xlabel("position in the document (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out loss (nats/token)")
+    fig.legend(loc="center right", fontsize=7)
+    fig.suptitle("Loss by position (length extrapolation)")
+    fig.tight_layout(rect=(0, 0, 1 - 2.8 / (5.0 * len(factors) + 3.0), 1))
     _save(plt, fig, path)
     return path
 

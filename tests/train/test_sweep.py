@@ -145,6 +145,15 @@ def _fake_sweep(tmp_path: Path) -> Path:
         (out / "runs" / run).mkdir(parents=True)
         (out / "runs" / run / "metrics.jsonl").write_text(
             "".join(json.dumps({"kind": "train", "step": s, "loss": 3.0 / s}) + "\n" for s in (1, 2, 3)))
+    ev = out / "runs" / "r11-gdn-0" / "eval"  # suite records with grids, as the suites write them
+    ev.mkdir()
+    grid = [{"task": "needle", "context_len": n, "depth": d, "correct": 1, "trials": 4}
+            for n in (64, 128) for d in (0.0, 0.5, 1.0)]
+    (ev / "suite-niah-step3.json").write_text(json.dumps({"suite": "niah", "results": {"grid": grid}}))
+    lengths = [{"factor": f, "seq_len": 32 * f, "buckets": [{"start": 0, "end": 16 * f, "loss": 2.0},
+                                                           {"start": 16 * f, "end": 32 * f, "loss": 1.5}]}
+               for f in (1, 2)]
+    (ev / "suite-length-step3.json").write_text(json.dumps({"suite": "length", "results": {"lengths": lengths}}))
     (out / "sweep.json").write_text(json.dumps({"name": "fake", "base": "mqar", "overrides": [], "evals": ["mqar"],
                                                 "axes": [{"name": "ratio"}, {"name": "mixer"}, {"name": "seed"}],
                                                 "points": points}))
@@ -155,7 +164,8 @@ def test_report_numbers_equal_the_records_and_figures_hold_the_series(tmp_path):
     out = _fake_sweep(tmp_path)
     written = write_report(out)
     names = {w.name for w in written}
-    assert {"results.csv", "results.md", "recall_vs_full_share.png", "lm_vs_full_share.png", "loss_curves.png"} <= names
+    assert {"results.csv", "results.md", "recall_vs_full_share.png", "lm_vs_full_share.png", "loss_curves.png",
+            "mqar_by_difficulty.png", "niah_heatmap.png", "loss_by_position.png"} <= names
     for w in written:
         if w.suffix == ".png":
             assert w.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and w.stat().st_size > 10_000
