@@ -13,6 +13,7 @@ A spec names a base config, the axes to vary and the evaluations to run on every
     linear = "lin"                   # mixer name of the linear layers
     full = "attn"                    # mixer name of the full-attention layers
     values = ["1:0", "6:1", "3:1", "1:1", "0:1"]   # linear:full
+    place = "last"                   # optional: full layers end each group ("first": start it)
 
     [[axis]]                         # an axis over one field ...
     name = "mixer"                   # optional; default: the field's last part
@@ -111,9 +112,11 @@ def _round(x: float) -> int:
     return int(x + 0.5)  # halves up (Python's round() goes to even)
 
 
-def ratio_pattern(layers: int, linear: str, full: str, ratio: tuple[int, int]) -> tuple[str, ...]:
+def ratio_pattern(layers: int, linear: str, full: str, ratio: tuple[int, int],
+                  place: str = "last") -> tuple[str, ...]:
     """The layer names of `layers` layers at linear:full `ratio`, full layers spread evenly and
-    each ending its group; cut to the shortest period that repeats to the whole stack."""
+    each ending its group (place="last") or starting it (place="first": the same stack
+    reversed); cut to the shortest period that repeats to the whole stack."""
     lin, ful = ratio
     f = _round(layers * ful / (lin + ful))
     if ful and not f:
@@ -127,6 +130,8 @@ def ratio_pattern(layers: int, linear: str, full: str, ratio: tuple[int, int]) -
         lin_at = {_round(k * layers / n_lin) for k in range(n_lin)}
         full_at = set(range(layers)) - lin_at
     names = tuple(full if i in full_at else linear for i in range(layers))
+    if place == "first":
+        names = names[::-1]
     for p in range(1, layers + 1):
         if layers % p == 0 and names == names[:p] * (layers // p):
             return names[:p]
@@ -172,9 +177,13 @@ def _axis(raw: dict, where: str) -> Axis:
 
 
 def _ratio_axis(raw: dict, where: str) -> Axis:
-    need = {"layers", "linear", "full", "values"}
-    if set(raw) != need:
-        raise ConfigError(f"{where}: the ratio shorthand takes exactly {sorted(need)}, got {sorted(raw)}")
+    need, optional = {"layers", "linear", "full", "values"}, {"place"}
+    if not need <= set(raw) <= need | optional:
+        raise ConfigError(f"{where}: the ratio shorthand takes {sorted(need)} and optionally place, got {sorted(raw)}")
+    place = raw.get("place", "last")
+    if place not in ("last", "first"):
+        raise ConfigError(f"{where}.place={place!r} is not accepted; choose 'last' (full attention ends each "
+                          "group, the study's layout) or 'first'")
     layers = raw["layers"]
     if not isinstance(layers, int) or layers < 1:
         raise ConfigError(f"{where}.layers must be an int >= 1, got {layers!r}")
@@ -182,7 +191,7 @@ def _ratio_axis(raw: dict, where: str) -> Axis:
     full = str(raw["full"])
     for v in _as_list(raw["values"], f"{where}.values"):
         r = parse_ratio(v, f"{where}.values")
-        pattern = ratio_pattern(layers, str(raw["linear"]), full, r)
+        pattern = ratio_pattern(layers, str(raw["linear"]), full, r, place)
         labels.append(f"{r[0]}:{r[1]}")
         overrides.append((f"model.pattern={','.join(pattern)}", f"model.num_layers={layers}"))
         extra.append({"full_share": pattern.count(full) / len(pattern)})

@@ -43,6 +43,12 @@ def test_ratio_pattern_spreads_full_layers_evenly(layers, ratio, expected):
     assert full == round(layers * ful / (lin + ful))  # the share asked for, rounded
 
 
+def test_ratio_pattern_can_put_full_attention_first():
+    assert "".join(ratio_pattern(8, "L", "F", (3, 1), "first")) == "FLLL"
+    assert "".join(ratio_pattern(2, "L", "F", (1, 1), "first")) == "FL"
+    assert "".join(ratio_pattern(8, "L", "F", (6, 1), "first")) == "FLLLLLLL"
+
+
 def test_spec_expands_axes_seeds_and_shares_identical_runs(tmp_path):
     spec = load_spec(_spec(tmp_path, f"""
 base = "mqar"
@@ -95,6 +101,8 @@ SWEEP = dict(base="mqar", overrides={SMALL!r},
     ('base = "mqar"\n[[axis]]\nfield = "model.num_layers"\nvalues = [1]\n[[axis]]\nfield = "model.pattern"\n'
      'values = [["attn", "attn"]]', "model.pattern has 2 mixers"),
     ('base = [', "not valid TOML"),
+    ('base = "mqar"\n[ratio]\nlayers = 4\nlinear = "gla"\nfull = "attn"\nvalues = ["3:1"]\nplace = "middle"',
+     "place='middle' is not accepted"),
 ])
 def test_bad_specs_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
