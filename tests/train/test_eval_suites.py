@@ -206,6 +206,7 @@ def test_niah_oracle_scores_one_and_a_barely_trained_model_near_zero(text_run):
     assert "niah/phonebook_acc" not in rec["summary"]  # nothing measured: left out, not NaN
 
 
+@pytest.mark.slow  # ~11 s: two decoders compiled; the niah and length tests use the generator by default
 def test_greedy_generator_equals_the_decoder(text_run):
     """Chunked prefill (one whole chunk of 128 + a remainder of 22) and the scanned steps give
     the tokens of train.generate's Decoder at temperature 0 (window 16: the ring buffers wrap)."""

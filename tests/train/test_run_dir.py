@@ -23,7 +23,7 @@ from train.loop import NonFiniteError, run
 from train.run_lock import RunDirBusy, RunLock
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["model.d_model=32", "model.num_layers=2", "model.mixers.attn.num_heads=2", "model.mixers.swa.num_heads=2",
+SMALL = ["model.d_model=32", "model.num_layers=2", "model.pattern=swa,swa", "model.mixers.attn.num_heads=2", "model.mixers.swa.num_heads=2",
          "model.mixers.swa.window=16", "data.seq_len=32", "data.batch_size=2", "optimizer.warmup_steps=0",
          "train.eval_batches=1", "train.log_every=1", "train.eval_every=0", "runtime.mesh_data=1"]
 
