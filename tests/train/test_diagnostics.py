@@ -143,6 +143,7 @@ def hybrid_run(tmp_path_factory):
                      step=3, tokenizer=get_tokenizer(cfg.data))
 
 
+@pytest.mark.slow  # ~10 s: builds and runs a 5-layer hybrid both ways
 def test_layer_walk_equals_the_model(hybrid_run):
     cfg = hybrid_run.cfg
     graphdef, params = nnx.split(hybrid_run.model, nnx.Param)
@@ -217,6 +218,7 @@ def test_suite_on_a_run_directory(mqar_run_dir):
     assert {"diagnostics/sink_rate@L0", "diagnostics/sink_rate@L1"} <= set(record["summary"])
 
 
+@pytest.mark.slow  # ~7 s: a short training run
 def test_training_logs_diagnostics_every_n_steps(tmp_path):
     cfg = apply_overrides(load_config("tiny"), [
         "model.d_model=32", "model.num_layers=2", "model.pattern=swa,attn", "model.mixers.attn.num_heads=2",

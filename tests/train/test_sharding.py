@@ -120,6 +120,7 @@ def test_sharded_training_matches_one_device(mesh, reference, tmp_path):
     assert "mesh data=" in (tmp_path / "train.log").read_text()
 
 
+@pytest.mark.slow  # ~22 s: two meshes, two runs
 def test_checkpoint_written_under_one_mesh_resumes_under_another(reference, tmp_path):
     ref_losses = reference
     a = MESHES["dp2_fsdp2_tp2"]

@@ -208,7 +208,8 @@ def _run_sweep(args, **kw):
                           timeout=900, **kw)
 
 
-def test_sweep_end_to_end_skips_done_runs_and_records_a_failing_one(tmp_path):
+def test_sweep_end_to_end_skips_done_runs_and_records_a_failing_one(tmp_path, capsys):
+    """The runner in this process (each point still trains in its own process, as always)."""
     spec = _spec(tmp_path, f"""
 base = "mqar"
 overrides = {json.dumps(SMALL)}
@@ -218,8 +219,7 @@ name = "data"
 values = {{ ok = [], broken = ["data.mqar.num_train_examples=0"] }}
 """)
     out = tmp_path / "sw"
-    first = _run_sweep([str(spec), "--out", str(out)])
-    assert first.returncode == 3, first.stdout + first.stderr
+    assert sweep_main([str(spec), "--out", str(out)]) == 3, capsys.readouterr()
     ok = json.loads((out / "records" / "data-ok.json").read_text())
     bad = json.loads((out / "records" / "data-broken.json").read_text())
     assert ok["status"] == "done" and ok["final"]["loss"] > 0 and ok["stats"]["params"] > 0
@@ -228,12 +228,13 @@ values = {{ ok = [], broken = ["data.mqar.num_train_examples=0"] }}
     assert ok["suites"]["mqar"] == suite_file["summary"] and "mqar/acc_mean" in ok["suites"]["mqar"]
     assert bad["status"] == "failed" and bad["exit_code"] != 0 and bad["error"]
     assert (out / "runs" / "data-ok" / "checkpoints").is_dir() and (out / "report" / "results.md").is_file()
-    second = _run_sweep([str(spec), "--out", str(out)])
-    assert second.returncode == 3
-    assert "data-ok: done before, skipped" in second.stdout
+    capsys.readouterr()
+    assert sweep_main([str(spec), "--out", str(out), "--no-report"]) == 3
+    assert "data-ok: done before, skipped" in capsys.readouterr().out
     assert json.loads((out / "records" / "data-ok.json").read_text()) == ok  # untouched
-    listing = _run_sweep([str(spec), "--out", str(out), "--list"])
-    assert "done" in listing.stdout and "failed" in listing.stdout
+    assert sweep_main([str(spec), "--out", str(out), "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "done" in listing and "failed" in listing
 
 
 @pytest.mark.slow
