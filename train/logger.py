@@ -37,6 +37,15 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: Path):
+    """The JSON in `path`, or None when it is missing or unreadable (a record not written yet,
+    or cut short by a kill: the callers treat both as "not there")."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the records of steps <= last_step (those the checkpoint covers); drop later ones
     and any line that does not parse (a write cut short by a kill). Rewritten atomically."""

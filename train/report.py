@@ -34,16 +34,11 @@ import os
 import sys
 from pathlib import Path
 
+from train.logger import read_json
+
 __all__ = ["collect", "write_report", "main"]
 
 STATE_LENGTH = "4096"  # decode-state column of the table (all lengths are in the CSV)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _group_key(labels: dict) -> str:
@@ -62,13 +57,13 @@ def _mixers(stats: dict | None) -> str:
 def collect(sweep_dir: str | Path) -> list[dict]:
     """One row per point of the sweep: its labels joined with its run's record (flat dict)."""
     sweep_dir = Path(sweep_dir)
-    manifest = _read_json(sweep_dir / "sweep.json")
+    manifest = read_json(sweep_dir / "sweep.json")
     if manifest is None:
         from train.config import ConfigError
         raise ConfigError(f"{sweep_dir} is not a sweep directory: no readable sweep.json")
     rows = []
     for pt in manifest["points"]:
-        rec = _read_json(sweep_dir / "records" / f"{pt['run']}.json") or {"status": "not run"}
+        rec = read_json(sweep_dir / "records" / f"{pt['run']}.json") or {"status": "not run"}
         row = {"point": pt["name"], **pt["labels"], **pt.get("extra", {}), "run": pt["run"],
                "status": rec.get("status"), "error": rec.get("error")}
         stats = rec.get("stats")
@@ -269,7 +264,7 @@ def _loss_curves(plt, sweep_dir: Path, rows, path) -> Path | None:
 def _suite_record(sweep_dir: Path, run: str, suite: str):
     files = sorted((sweep_dir / "runs" / run / "eval").glob(f"suite-{suite}-step*.json"),
                    key=lambda p: int(p.stem.rsplit("step", 1)[1]) if p.stem.rsplit("step", 1)[1].isdigit() else -1)
-    return _read_json(files[-1]) if files else None
+    return read_json(files[-1]) if files else None
 
 
 def _niah_heatmap(plt, sweep_dir: Path, rows, path) -> Path | None:
@@ -354,7 +349,7 @@ def write_report(sweep_dir: str | Path) -> list[Path]:
     from train.logger import write_atomic
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
-    manifest = _read_json(sweep_dir / "sweep.json")
+    manifest = read_json(sweep_dir / "sweep.json")
     axes = [a["name"] for a in manifest.get("axes", [])]
     for r, pt in zip(rows, manifest["points"]):
         r["_labels"] = list(pt["labels"])

@@ -41,6 +41,7 @@ import uuid
 from pathlib import Path
 
 from train.config import ConfigError, to_dict
+from train.logger import read_json
 from train.sweep_spec import Point, SweepSpec, config_hash, expand, load_spec
 
 __all__ = ["main", "parse_shard", "shard_runs", "plan"]
@@ -87,13 +88,6 @@ def _manifest(spec: SweepSpec, points: list[Point]) -> dict:
             "axes": [{"name": a.name, "labels": list(a.labels)} for a in spec.axes],
             "points": [{"name": p.name, "labels": p.labels, "extra": p.extra, "run": p.run,
                         "overrides": p.overrides} for p in points]}
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _is_finished(record: dict | None, chash: str, evals: tuple[str, ...]) -> bool:
@@ -151,7 +145,7 @@ def _run_point(out: Path, run: str, cfg_json: Path, evals: tuple[str, ...], seed
         rc = sig.child.wait()
         sig.child = None
     wall = time.perf_counter() - t0
-    record = _read_json(record_path) if rc == 0 else None
+    record = read_json(record_path) if rc == 0 else None
     if record is None or record.get("nonce") != nonce:
         status = "interrupted" if rc == 75 else "failed"
         record = {"run": run, "status": status, "stage": "train" if rc else "record",
@@ -186,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.list:
         for run in mine:
-            rec = _read_json(out / "records" / f"{run}.json")
+            rec = read_json(out / "records" / f"{run}.json")
             state = "done" if _is_finished(rec, hashes[run], spec.evals) else (rec or {}).get("status", "to do")
             print(f"{state:12s} {run}  ({len(by_run[run])} point(s)): {' '.join(by_run[run][0].overrides)}")
         print(f"{len(mine)} of {len(by_run)} runs ({len(points)} points) in this shard; directory {out}")
@@ -201,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     with _Signals() as sig:
         for k, run in enumerate(mine, 1):
             record_path = out / "records" / f"{run}.json"
-            if _is_finished(_read_json(record_path), hashes[run], spec.evals):
+            if _is_finished(read_json(record_path), hashes[run], spec.evals):
                 print(f"[{k}/{len(mine)}] {run}: done before, skipped", flush=True)
                 continue
             cfg = by_run[run][0].cfg
