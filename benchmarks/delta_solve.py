@@ -37,16 +37,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import importlib
-import math
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -67,6 +61,7 @@ from train.config import RuntimeConfig  # noqa: E402
 from train.optim import make_optimizer  # noqa: E402
 from train.step import init_state, make_train_step  # noqa: E402
 from train_step import OPTIMIZER, VOCAB, make_batch  # noqa: E402  (benchmarks/train_step.py)
+from timing import cpu_model, interleaved, ms, print_rows, ratio, table  # noqa: E402  (benchmarks/timing.py)
 
 F32 = jnp.float32
 TABLES = ("inverse", "op", "ref", "mixer", "train")
@@ -115,72 +110,11 @@ def old_solve(enabled: bool = True):
         delta_xla.unit_lower_solve = saved
 
 
-# ----------------------------------------------------------------------------- timing
-
-def interleaved(calls: dict[str, Callable[[], Any]], bursts: int, per_burst: int) -> dict[str, list[float]]:
-    """{name: fastest seconds of each burst}; the callables run in turn, burst by burst, after
-    one warm-up call each. Every call blocks on its result."""
-    for fn in calls.values():
-        jax.block_until_ready(fn())
-    out: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(bursts):
-        for name, fn in calls.items():
-            best = math.inf
-            for _ in range(per_burst):
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn())
-                best = min(best, time.perf_counter() - t0)
-            out[name].append(best)
-    return out
-
-
-def ratio(times: dict[str, list[float]], num: str, den: str, scale: float = 1.0) -> float:
-    """Median over bursts of scale * times[num] / times[den]."""
-    return statistics.median(scale * a / b for a, b in zip(times[num], times[den]))
-
-
-def ms(times: dict[str, list[float]], name: str) -> float:
-    return 1e3 * statistics.median(times[name])
-
-
-def cpu_model() -> str:
-    """The CPU's model name, its widest vector extension and the CPU count."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), platform.machine())
-    isa = "AVX-512" if " avx512f" in info else "AVX2" if " avx2" in info else "no AVX2"
-    return f"{name} ({isa}, {os.cpu_count()} CPUs)"
-
-
-def load() -> str:
-    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-@contextlib.contextmanager
-def table(title: str, args):
-    print(f"\n## {title}\n{cpu_model()}; jax {jax.__version__}; "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-          f"{args.bursts} bursts x {args.calls} calls; before: {load()}", flush=True)
-    yield
-    print(f"after: {load()}", flush=True)
-
-
-def row(cells: list[str], widths: list[int]) -> str:
-    return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
-
-
-def print_rows(head: list[str], body: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(head)]
-    print(row(head, widths))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in body:
-        print(row(r, widths), flush=True)
-
-
 # ----------------------------------------------------------------------------- tables
+
+def _table(title: str, args):
+    return table(title, args.bursts, args.calls)
+
 
 def wy_matrix(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """A [..., C, C] as the xla path builds it (float64): strictly lower
@@ -196,7 +130,7 @@ def wy_matrix(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 
 def inverse_table(args) -> None:
-    with table("inverse: old triangular_solve / new blocked substitution (forward)", args):
+    with _table("inverse: old triangular_solve / new blocked substitution (forward)", args):
         body = []
         for shape in ((8, 4, 4, 64, 64), (8, 4, 32, 64, 64)):
             a64 = wy_matrix(shape)
@@ -213,7 +147,7 @@ def inverse_table(args) -> None:
 
 def op_table(args) -> None:
     t, h = 2048, 4
-    with table(f"op: delta rule xla vs chunked linear attention xla, fwd+bwd, T={t} H={h}, "
+    with _table(f"op: delta rule xla vs chunked linear attention xla, fwd+bwd, T={t} H={h}, "
                "scalar decay, chunk 64", args):
         body = []
         for d in (64, 128):
@@ -239,7 +173,7 @@ def op_table(args) -> None:
 
 def ref_table(args) -> None:
     b, t, h = 2, 2048, 4
-    with table(f"ref: delta rule reference (token scan) / xla, B={b} T={t} H={h}, scalar decay", args):
+    with _table(f"ref: delta rule reference (token scan) / xla, B={b} T={t} H={h}, scalar decay", args):
         body = []
         for d in (64, 128):
             xs = _inputs("delta", b, t, h, d, "scalar", F32)
@@ -265,7 +199,7 @@ def mixer_table(args) -> None:
     variants = {"gla": (gla, False), "gdn": (gdn, False), "gdn old": (gdn, True),
                 "gdn conv 0": (dataclasses.replace(gdn, conv_size=0), False),
                 "gla conv 4": (dataclasses.replace(gla, conv_size=4), False)}
-    with table(f"mixer: fwd+bwd (grads of params and x) per FLOP, relative to gla, d={d}", args):
+    with _table(f"mixer: fwd+bwd (grads of params and x) per FLOP, relative to gla, d={d}", args):
         body = []
         for b, t in ((8, 256), (1, 2048)):
             ctx = LayerContext(d_model=d, dtype=F32, runtime=RuntimeConfig(), init_std=0.02, out_std=0.02)
@@ -299,7 +233,7 @@ def train_table(args) -> None:
     runs = {"tiny": ("tiny", False), "gdn_hybrid": ("gdn_hybrid", False),
             "gla_hybrid": ("gla_hybrid", False), "gdn_hybrid old": ("gdn_hybrid", True)}
     batch = make_batch(b, t, 0)
-    with table(f"train: train-step tokens/s, B{b} x T{t}, fp32", args):
+    with _table(f"train: train-step tokens/s, B{b} x T{t}, fp32", args):
         calls, flops = {}, {}
         for name, (preset, old) in runs.items():
             cfg = importlib.import_module(f"configs.{preset}").config()

@@ -17,10 +17,12 @@ init_std / sqrt(2 * layers), as in Chimera. Params are float32; with --dtype bfl
 matmul casts its input and weight to bf16 (as Chimera's Dense does), norms and RoPE compute in
 float32, and the residual stream is bf16 -- no autocast.
 
-Attention is `F.scaled_dot_product_attention`: `is_causal=True` for a full layer; SDPA has no
-window argument, so a sliding-window layer passes an explicit boolean band mask [T, T] (key j
-visible to query i iff i - W < j <= i). The mask gives the same result as Chimera's window, but
-SDPA still computes every causal block: it cannot skip the blocks the band leaves empty.
+Attention is `F.scaled_dot_product_attention`: `is_causal=True` for a full layer. A sliding-window
+layer (window W) runs as chunked local attention, so that it skips the key blocks the window
+leaves out, as Chimera's blocked attention does: queries in blocks of P = max(W, 64) tokens, each
+block attending to its own key block and the previous one (2P keys) under a boolean mask (key j
+visible to query i iff i - W < j <= i), one SDPA call over all blocks. Credited the same FLOPs as
+Chimera (the W keys a query sees), neither side is credited work it does not skip.
 
 Optimizer: AdamW(lr, betas (b1, b2), eps, weight_decay) with decay on matrices only (as
 Chimera's optimizer mask), after global-norm clipping at --grad-clip (0 disables). Data: one
@@ -47,7 +49,7 @@ DEFAULTS = dict(vocab=256, d_model=256, layers=4, heads=4, kv_heads=None, head_d
                 windows="0", norm_eps=1e-6, rope_theta=1e4, init_std=0.02, batch=8, seq_len=256,
                 steps=10, warmup=2, seed=0, lr=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
                 grad_clip=1.0, dtype="float32", gqa="native", init_npz=None, threads=None,
-                force_bf16=False)
+                force_bf16=False, serve=False)
 
 
 class RMSNorm(nn.Module):
@@ -89,7 +91,7 @@ class Attention(nn.Module):
         self.v = Linear(d, kv_heads * head_dim, std, dtype)
         self.o = Linear(heads * head_dim, d, out_std, dtype)
 
-    def forward(self, x, cos, sin, band):
+    def forward(self, x, cos, sin):
         b, t, _ = x.shape
         q = rope(self.q(x).view(b, t, self.h, self.hd), cos, sin).transpose(1, 2)
         k = rope(self.k_proj(x).view(b, t, self.k, self.hd), cos, sin).transpose(1, 2)
@@ -102,10 +104,36 @@ class Attention(nn.Module):
                 g = self.h // self.k
                 k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
         if self.window:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=band, **kw)
+            o = local_attention(q, k, v, self.window, **kw)
         else:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
         return self.o(o.transpose(1, 2).reshape(b, t, self.h * self.hd))
+
+
+def local_attention(q, k, v, window: int, **kw):
+    """Causal sliding-window attention that skips the blocks outside the window.
+
+    q [B, H, T, D], k / v [B, K, T, D] -> [B, H, T, D]. Queries in blocks of P >= window tokens;
+    block n attends to key blocks n - 1 and n (zero-padded in front), key j visible to query i
+    iff i - window < j <= i. One SDPA call with the blocks as a batch dimension before heads."""
+    b, h, t, d = q.shape
+    p = max(window, 64)
+    n = -(-t // p)
+    pad = n * p - t
+
+    def blocks(x, front):  # [B, X, T, D] -> [B, n(+1), X, P, D]
+        x = F.pad(x, (0, 0, front, pad))
+        return x.view(x.shape[0], x.shape[1], -1, p, d).transpose(1, 2)
+
+    qb = blocks(q, 0)
+    kb, vb = blocks(k, p), blocks(v, p)  # one zero block in front
+    kb = torch.cat([kb[:, :-1], kb[:, 1:]], dim=3)  # [B, n, K, 2P, D]: previous + own block
+    vb = torch.cat([vb[:, :-1], vb[:, 1:]], dim=3)
+    qi = torch.arange(n)[:, None, None] * p + torch.arange(p)[None, :, None]       # [n, P, 1]
+    kj = torch.arange(n)[:, None, None] * p - p + torch.arange(2 * p)[None, None, :]  # [n, 1, 2P]
+    mask = ((kj <= qi) & (qi - kj < window) & (kj >= 0))[:, None]  # [n, 1, P, 2P]
+    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, **kw)  # [B, n, H, P, D]
+    return o.transpose(1, 2).reshape(b, h, n * p, d)[:, :, :t]
 
 
 class SwiGLU(nn.Module):
@@ -131,8 +159,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d, cfg["norm_eps"])
         self.mlp = SwiGLU(d, cfg["hidden"], std, out_std, dtype)
 
-    def forward(self, x, cos, sin, bands):
-        x = x + self.mixer(self.mixer_norm(x), cos, sin, bands.get(self.window)).to(x.dtype)
+    def forward(self, x, cos, sin):
+        x = x + self.mixer(self.mixer_norm(x), cos, sin).to(x.dtype)
         return x + self.mlp(self.mlp_norm(x)).to(x.dtype)
 
 
@@ -146,22 +174,19 @@ class LM(nn.Module):
         self._rope_cache = {}
 
     def _tables(self, t: int):
-        """cos/sin [T, 1, D/2] for positions 0..T-1 and the band masks of the window sizes."""
+        """cos/sin [T, 1, D/2] for positions 0..T-1."""
         if t not in self._rope_cache:
             hd, theta = self.cfg["head_dim"], self.cfg["rope_theta"]
             inv = theta ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
             ang = torch.arange(t, dtype=torch.float32)[:, None] * inv
-            i = torch.arange(t)
-            bands = {w: (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < w)
-                     for w in set(self.cfg["window_per_layer"]) if w}
-            self._rope_cache[t] = (ang.cos()[:, None, :], ang.sin()[:, None, :], bands)
+            self._rope_cache[t] = (ang.cos()[:, None, :], ang.sin()[:, None, :])
         return self._rope_cache[t]
 
     def forward(self, tokens):
-        cos, sin, bands = self._tables(tokens.shape[1])
+        cos, sin = self._tables(tokens.shape[1])
         x = F.embedding(tokens, self.embedding).to(self.dtype)
         for blk in self.blocks:
-            x = blk(x, cos, sin, bands)
+            x = blk(x, cos, sin)
         x = self.final_norm(x)
         return F.linear(x.to(self.dtype), self.embedding.to(self.dtype)).float()
 
@@ -264,29 +289,40 @@ def main() -> None:
         opt.step()
         return loss.item()  # CPU torch is synchronous anyway
 
-    losses, times = [], []
-    for _ in range(cfg["warmup"] + cfg["steps"]):
-        t0 = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - t0)
-    timed = times[cfg["warmup"]:]
+    def run(n: int) -> tuple[list[float], list[float]]:
+        losses, times = [], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            losses.append(step())
+            times.append(time.perf_counter() - t0)
+        return losses, times
+
     tokens = b * t
-    masking = ["causal (is_causal=True)" if w is None else f"window {w}: explicit bool band mask"
+    masking = ["causal (is_causal=True)" if w is None else f"window {w}: chunked local attention, blocks of {max(w, 64)}"
                for w in cfg["window_per_layer"]]
     out = {
         "framework": f"torch {torch.__version__} eager", "threads": torch.get_num_threads(),
         "cpu_capability": cap, "native_bf16": fast,
         "python": sys.version.split()[0], "dtype": cfg["dtype"], "params": n_params,
         "batch": b, "seq_len": t, "tokens_per_step": tokens,
-        "tokens_per_s": tokens / statistics.median(timed), "tokens_per_s_best": tokens / min(timed),
-        "step_s_median": statistics.median(timed), "step_s": timed, "first_step_s": times[0],
-        "warmup": cfg["warmup"], "steps": cfg["steps"], "losses": losses,
         "attention": "F.scaled_dot_product_attention", "masking": masking,
         "gqa": (cfg["gqa"] if cfg["kv_heads"] != cfg["heads"] else "none (MHA)"),
         "init": "chimera npz" if cfg["init_npz"] else "torch RNG",
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "optimizer": (f"AdamW lr={cfg['lr']} betas=({cfg['b1']}, {cfg['b2']}) eps={cfg['eps']} "
                       f"wd={cfg['weight_decay']} (matrices only), clip={cfg['grad_clip'] or 'off'}"),
     }
+    if cfg["serve"]:
+        print(json.dumps(out), flush=True)
+        for line in sys.stdin:
+            losses, times = run(int(json.loads(line)["steps"]))
+            print(json.dumps({"step_s": times, "losses": losses}), flush=True)
+        return
+    losses, times = run(cfg["warmup"] + cfg["steps"])
+    timed = times[cfg["warmup"]:]
+    out.update({"tokens_per_s": tokens / statistics.median(timed), "tokens_per_s_best": tokens / min(timed),
+                "step_s_median": statistics.median(timed), "step_s": timed, "first_step_s": times[0],
+                "warmup": cfg["warmup"], "steps": cfg["steps"], "losses": losses})
     print(json.dumps(out))
 
 

@@ -1,31 +1,35 @@
-"""Training-step throughput of Chimera, side by side with the same LM in PyTorch eager.
+"""Training-step throughput of Chimera, interleaved with the same LM in PyTorch eager.
 
     python benchmarks/train_step.py                       # default shapes, fp32 (~5 min on 2 cores)
-    python benchmarks/train_step.py --quick               # tiny B8xT256 only, a few steps (~1 min)
+    python benchmarks/train_step.py --quick               # tiny B8xT256 only, 2 bursts (~1 min)
     python benchmarks/train_step.py --dtypes float32,bfloat16 --json runs/bench.json
-    python benchmarks/train_step.py --shapes tiny:8x256,attn256:1x2048 --steps 20
+    python benchmarks/train_step.py --shapes tiny:8x256,attn256:1x2048 --bursts 9
 
-For every shape (model preset x batch x sequence length) and compute dtype this measures, for
-Chimera's real train step (`train.step.make_train_step`, AdamW from `train.optim`, on one fixed
-batch of random bytes):
+For every shape (model preset x batch x sequence length) and compute dtype this measures
+Chimera's real train step (`train.step.make_train_step`, AdamW from `train.optim`, one fixed
+batch of random bytes) and `benchmarks/torch_peer.py` (the same model, optimizer, data and
+initial weights, under `.venv-torch/bin/python`, made by `bash scripts/setup_torch.sh`)
+INTERLEAVED: the peer is a server process (`torch_peer.py --serve`) and the two sides take turns,
+--burst-steps steps of Chimera, then as many of torch, --bursts times, each step blocking until
+its result is ready. A burst keeps its fastest step (the least disturbed); tokens/s is B*T over
+the median of those, and Chimera/torch is the median over bursts of the per-burst ratio. On a
+shared machine the load changes from second to second: measured one after the other, the two
+sides would each get a different machine; interleaved, they get nearly the same one.
 
-* compile time: `lower(...).compile()` of the jitted step, in seconds;
-* tokens/s: B*T / the median wall time of --steps timed steps after --warmup steps. Every step
-  blocks until its result is ready: queueing several jitted steps and blocking once lets them
-  run concurrently and fight over the 2 cores (perf_anchor.md, "timing pitfall");
+* compile s: `lower(...).compile()` of the jitted step;
 * FLOPs/token from `models.flops_per_token` (fwd + bwd, attention counted over the keys a query
-  actually sees), and MFU = tokens/s * FLOPs/token / peak, the peak being
-  `train.metrics.peak_flops(dtype)` (a datasheet figure on GPU/TPU; on CPU the best square
-  matmul, n=1024 and n=2048, measured before and after the shapes, the best of all used: on a
-  shared 2-core machine one measurement can be low; all printed).
+  actually sees: causal halving, at most W keys in a window-W layer), the same for both sides;
+* MFU = tokens/s * FLOPs/token / the hardware's peak (`train.metrics.peak_flops`, the training
+  loop's definition: a datasheet figure on GPU/TPU; on CPU cores x clock x FMA width from
+  train/hardware.py, printed with its derivation); beside it, the fraction of XLA's own fp32
+  matmul speed (best n=2048 matmul measured before and after the shapes), which is what a
+  model made only of large matmuls could reach through XLA on this machine;
+* loss d first/last: |Chimera - torch| of the loss at the first step (same weights, same batch:
+  it checks that both sides compute the same function) and at the last one (after every step
+  of both sides, where float32 rounding has drifted apart a little).
 
-Then it runs `benchmarks/torch_peer.py` under `.venv-torch/bin/python` (made by
-`bash scripts/setup_torch.sh`) for the same shape, dtype, optimizer, data and initial weights
-(Chimera's are handed over in an .npz), one process after the other, never concurrently. The
-peer's tokens/s gets the same FLOPs/token and the same peak, so the two MFU columns compare
-directly. "loss d first/last" is |Chimera - torch| of the loss at the first step (same weights,
-same batch: it checks that the two models are the same function) and at the last one (after
-warmup + steps AdamW updates, where float32 rounding has drifted apart a little).
+The peer runs with OMP_WAIT_POLICY=PASSIVE (--torch-omp-active for torch's default): otherwise
+its OpenMP threads spin while Chimera's burst runs and take Chimera's cores.
 
 On a GPU/TPU (jax's default backend is not cpu) the default is instead the `gpt125m` preset with
 its own runtime (remat) in bfloat16 at its B32xT1024, Chimera only (the peer is CPU torch).
@@ -57,6 +61,7 @@ from flax import nnx  # noqa: E402
 
 import models  # noqa: E402
 from train.config import AttentionConfig, ModelConfig, OptimizerConfig, RuntimeConfig  # noqa: E402
+from timing import cpu_model  # noqa: E402  (benchmarks/timing.py)
 from train.metrics import measure_matmul_peak, peak_flops  # noqa: E402
 from train.optim import make_optimizer  # noqa: E402
 from train.step import init_state, make_train_step  # noqa: E402
@@ -165,27 +170,54 @@ def torch_spec(mc: ModelConfig) -> tuple[dict | None, str]:
                 norm_eps=mc.norm_eps, rope_theta=theta, init_std=mc.init_std), ""
 
 
-def measure_peak(dtype: str, on_cpu: bool) -> tuple[float, str]:
-    """`train.metrics.peak_flops`; on CPU also an n=2048 matmul, keeping the better figure.
-
-    A measured CPU peak is only as good as the quietest of its repetitions: on a shared 2-core
-    machine one measurement can come out far too low, and MFU then reads above 100%.
-    """
-    peak, source = peak_flops(jnp.dtype(dtype))
-    if on_cpu:
-        big = measure_matmul_peak(jnp.dtype(dtype), n=2048, reps=5)
-        if big > peak:
-            peak, source = big, source.replace("matmul", "n=2048 matmul")
-    return peak, source
+def xla_matmul(dtype: str) -> float:
+    """XLA's best n=2048 square matmul FLOP/s in `dtype` (a disturbed measurement is low)."""
+    return max(measure_matmul_peak(jnp.dtype(dtype), n=2048, reps=5),
+               measure_matmul_peak(jnp.dtype(dtype), n=1024, reps=5))
 
 
-def bench_chimera(mc: ModelConfig, runtime: RuntimeConfig, opt: OptimizerConfig, b: int, t: int,
-                  steps: int, warmup: int, seed: int, npz: str | None) -> dict:
+class Peer:
+    """torch_peer.py --serve in a subprocess: `run(n)` -> (step seconds, losses) of n steps."""
+
+    def __init__(self, python: Path, spec: dict, omp_passive: bool):
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if omp_passive else None
+        self.proc = subprocess.Popen([str(python), str(ROOT / "benchmarks" / "torch_peer.py"), "--serve",
+                                      "--spec", json.dumps(spec)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                err = self.proc.stderr.read().strip().splitlines()[-5:]
+                raise RuntimeError(f"torch_peer.py exited {self.proc.wait()}: " + " | ".join(err))
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def run(self, n: int) -> tuple[list[float], list[float]]:
+        self.proc.stdin.write(json.dumps({"steps": n}) + "\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        return out["step_s"], out["losses"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def chimera_step(mc: ModelConfig, runtime: RuntimeConfig, opt: OptimizerConfig, b: int, t: int,
+                 total_steps: int, seed: int, npz: str | None):
+    """(run(n) -> (step seconds, losses), params, compile seconds) for Chimera's train step."""
     model = models.build(mc, runtime, seed=seed)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     if npz:
         export_npz(model, npz)
-    tx, schedule = make_optimizer(opt, steps + warmup)
+    tx, schedule = make_optimizer(opt, total_steps)
     graphdef, state = init_state(model, tx, seed)
     del model
     step = make_train_step(graphdef, tx, schedule, z_loss=mc.z_loss)
@@ -193,31 +225,67 @@ def bench_chimera(mc: ModelConfig, runtime: RuntimeConfig, opt: OptimizerConfig,
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    times, losses = [], []
-    for _ in range(warmup + steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-        losses.append(float(metrics["loss"]))
-    timed = times[warmup:]
-    return {"params": n_params, "compile_s": compile_s, "first_step_s": times[0],
-            "step_s_median": statistics.median(timed), "tokens_per_s": b * t / statistics.median(timed),
-            "tokens_per_s_best": b * t / min(timed), "step_s": timed, "losses": losses}
+    holder = {"state": state}
+
+    def run(n: int) -> tuple[list[float], list[float]]:
+        times, losses = [], []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            holder["state"], metrics = compiled(holder["state"], batch)
+            jax.block_until_ready((holder["state"], metrics))
+            times.append(time.perf_counter() - t0)
+            losses.append(float(metrics["loss"]))
+        return times, losses
+    return run, n_params, compile_s
 
 
-def bench_torch(python: Path, spec: dict, timeout: float, omp_passive: bool) -> dict:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if omp_passive else None
+def bench_shape(mc, runtime, opt, b, t, args, npz, peer_spec, torch_py) -> dict:
+    """Warm-up, then --bursts bursts of --burst-steps steps, Chimera and (if peer_spec) torch in turn."""
+    k, bursts = args.burst_steps, args.bursts
+    total = args.warmup + bursts * k
+    run_c, n_params, compile_s = chimera_step(mc, runtime, opt, b, t, total, args.seed, npz)
+    res = {"params": n_params, "compile_s": compile_s}
+    peer = None
+    if peer_spec is not None:
+        try:
+            peer = Peer(torch_py, peer_spec, omp_passive=not args.torch_omp_active)
+        except RuntimeError as err:
+            res["torch"] = {"error": str(err)}
+        else:
+            res["torch"] = peer.info
+            if "skipped" in peer.info:
+                peer.close()
+                peer = None
     try:
-        proc = subprocess.run([str(python), str(ROOT / "benchmarks" / "torch_peer.py"), "--spec", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"torch_peer.py took longer than {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"error": f"torch_peer.py exited {proc.returncode}: " + " | ".join(tail)}
-    return json.loads(lines[-1])
+        c_times, c_losses = run_c(args.warmup)
+        res["first_step_s"] = c_times[0] if c_times else None
+        p_losses, c_best, p_best = [], [], []
+        if peer:
+            p_losses += peer.run(args.warmup)[1]
+        for _ in range(bursts):
+            times, losses = run_c(k)
+            c_best.append(min(times))
+            c_losses += losses
+            if peer:
+                times, losses = peer.run(k)
+                p_best.append(min(times))
+                p_losses += losses
+    except RuntimeError as err:  # the peer died mid-run: report it, keep Chimera's figures
+        res["torch"] = {"error": str(err)}
+        p_best = []
+    finally:
+        if peer:
+            peer.close()
+    tokens = b * t
+    res.update(step_s=c_best, losses=c_losses, tokens_per_s=tokens / statistics.median(c_best))
+    if p_best:
+        res.update(torch_step_s=p_best, torch_losses=p_losses,
+                   torch_tokens_per_s=tokens / statistics.median(p_best),
+                   ratio=statistics.median(p / c for p, c in zip(p_best, c_best)),
+                   loss0_diff=abs(c_losses[0] - p_losses[0]), loss_last_diff=abs(c_losses[-1] - p_losses[-1]))
+        if res["torch"]["params"] != n_params:
+            res["warning"] = f"param counts differ: chimera {n_params}, torch {res['torch']['params']}"
+    return res
 
 
 def _fmt(x, spec: str, missing: str = "-") -> str:
@@ -225,12 +293,13 @@ def _fmt(x, spec: str, missing: str = "-") -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ["shape", "dtype", "load", "params", "MFLOP/tok", "compile s", "Chimera tok/s", "MFU",
-            "torch tok/s", "torch MFU", "Chimera/torch", "loss d first/last"]
+    head = ["shape", "dtype", "load", "params", "MFLOP/tok", "compile s", "Chimera tok/s", "MFU (hw)",
+            "of XLA mm", "torch tok/s", "torch MFU", "Chimera/torch", "loss d first/last"]
     body = []
     for r in rows:
-        body.append([r["shape"], r["dtype"], f"{r['load_1min']:.1f}", f"{r['params'] / 1e6:.2f}M", f"{r['flops_per_token'] / 1e6:.1f}",
-                     f"{r['compile_s']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['mfu']:.0%}",
+        body.append([r["shape"], r["dtype"], f"{r['load_1min']:.1f}", f"{r['params'] / 1e6:.2f}M",
+                     f"{r['flops_per_token'] / 1e6:.1f}", f"{r['compile_s']:.1f}", f"{r['tokens_per_s']:.0f}",
+                     f"{r['mfu']:.0%}", _fmt(r.get("of_xla_matmul"), ".0%"),
                      _fmt(r.get("torch_tokens_per_s"), ".0f"), _fmt(r.get("torch_mfu"), ".0%"),
                      _fmt(r.get("ratio"), ".2f"),
                      "-" if r.get("loss0_diff") is None else f"{r['loss0_diff']:.0e} / {r['loss_last_diff']:.0e}"])
@@ -246,18 +315,18 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_SHAPES}, 1 warm-up + 3 steps")
+    ap.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_SHAPES}, 2 bursts")
     ap.add_argument("--shapes", help=f"NAME:BxT,... (default on CPU: {CPU_SHAPES}; on GPU/TPU: {ACCEL_SHAPES})")
     ap.add_argument("--dtypes", help="compute dtypes (default: float32 on CPU, bfloat16 on GPU/TPU)")
-    ap.add_argument("--steps", type=int, help="timed steps per measurement (default 8; --quick 3)")
-    ap.add_argument("--warmup", type=int, help="untimed steps after compilation (default 1)")
+    ap.add_argument("--bursts", type=int, help="bursts per side (default 5; --quick 2)")
+    ap.add_argument("--burst-steps", type=int, default=2, help="steps per burst (default 2)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     ap.add_argument("--torch-python", default=str(ROOT / ".venv-torch" / "bin" / "python"))
-    ap.add_argument("--torch-omp-passive", action="store_true",
-                    help="run the peer with OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads spin while "
-                         "waiting, which collapses its throughput (up to 5x) when other processes share "
-                         "the cores; XLA's thread pool degrades far less. Default: torch's defaults")
+    ap.add_argument("--torch-omp-active", action="store_true",
+                    help="run the peer with torch's default OpenMP wait policy (its idle threads spin "
+                         "and take the cores from Chimera's bursts). Default: OMP_WAIT_POLICY=PASSIVE")
     ap.add_argument("--json", help="write the rows and the setup to this path")
     args = ap.parse_args()
 
@@ -268,8 +337,7 @@ def main() -> None:
     for d in dtypes:
         if d not in ("float32", "bfloat16"):
             raise SystemExit(f"--dtypes: {d!r} is not float32 or bfloat16")
-    steps = args.steps or (3 if args.quick else 8)
-    warmup = args.warmup if args.warmup is not None else 1
+    args.bursts = args.bursts or (2 if args.quick else 5)
 
     torch_py = Path(args.torch_python)
     torch_note = ""
@@ -285,13 +353,16 @@ def main() -> None:
     load0 = os.getloadavg()
     dev = jax.devices()[0]
     print(f"jax {jax.__version__} on {backend} ({dev.device_kind}), {len(jax.devices())} device(s); "
-          f"{os.cpu_count()} CPUs, load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
-    print(f"{len(shapes)} shape(s) x {dtypes}, {warmup} warm-up + {steps} timed steps each, "
-          f"blocking on every step")
-    peaks = {}
+          f"{cpu_model()}; load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+    print(f"{len(shapes)} shape(s) x {dtypes}, {args.warmup} warm-up step(s), then {args.bursts} bursts of "
+          f"{args.burst_steps} steps per side, interleaved, blocking on every step")
+    peaks = {d: peak_flops(jnp.dtype(d)) for d in dtypes}
+    xla_mm = {d: xla_matmul(d) for d in dtypes} if on_cpu else {}
     for d in dtypes:
-        peaks[d] = measure_peak(d, on_cpu)
-        print(f"MFU peak {d}: {peaks[d][0] / 1e9:.0f} GFLOP/s ({peaks[d][1]})")
+        print(f"MFU peak {d}: {peaks[d][1]}")
+        if d in xla_mm:
+            print(f"XLA {d} matmul (n=1024/2048, best of 5): {xla_mm[d] / 1e9:.0f} GFLOP/s "
+                  f"= {xla_mm[d] / peaks[d][0]:.0%} of the hardware peak")
     if torch_note:
         print(torch_note)
 
@@ -305,69 +376,51 @@ def main() -> None:
             for d in dtypes:
                 shape = f"{name} B{b}xT{t}"
                 load = os.getloadavg()[0]
-                print(f"-- {shape} {d} (load {load:.1f}): chimera ...", end="", flush=True)
+                print(f"-- {shape} {d} (load {load:.1f}) ...", end="", flush=True)
                 npz = os.path.join(tmp, "init.npz") if run_torch and spec else None
+                peer_spec = None
+                if npz:
+                    peer_spec = dict(spec, batch=b, seq_len=t, seed=args.seed, dtype=d, init_npz=npz,
+                                     lr=opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                                     weight_decay=opt.weight_decay, grad_clip=opt.grad_clip or 0.0)
                 rt = dataclasses.replace(runtime, compute_dtype=d)
-                res = bench_chimera(mc, rt, opt, b, t, steps, warmup, args.seed, npz)
+                res = bench_shape(mc, rt, opt, b, t, args, npz, peer_spec, torch_py)
+                if run_torch and not spec:
+                    res["torch"] = {"error": f"not run: {why}"}
                 peak = peaks[d][0]
                 row = {"shape": shape, "model": name, "batch": b, "seq_len": t, "dtype": d, "load_1min": load,
-                       "params": res["params"], "flops_per_token": flops, **res,
-                       "mfu": res["tokens_per_s"] * flops / peak, "peak_flops": peak}
-                print(f" {res['tokens_per_s']:.0f} tok/s (compile {res['compile_s']:.1f} s)", end="", flush=True)
-                if run_torch and spec:
-                    print("; torch ...", end="", flush=True)
-                    peer = bench_torch(torch_py, dict(spec, batch=b, seq_len=t, steps=steps, warmup=warmup,
-                                                      seed=args.seed, dtype=d, init_npz=npz,
-                                                      lr=opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                                                      weight_decay=opt.weight_decay,
-                                                      grad_clip=opt.grad_clip or 0.0),
-                                       timeout=900, omp_passive=args.torch_omp_passive)
-                    row["torch"] = peer
-                    if "skipped" in peer:
-                        print(" skipped", end="")
-                    elif "error" in peer:
-                        print(f" failed: {peer['error']}", end="")
-                    else:
-                        tps = peer["tokens_per_s"]
-                        row.update(torch_tokens_per_s=tps, torch_mfu=tps * flops / peak,
-                                   ratio=res["tokens_per_s"] / tps,
-                                   loss0_diff=abs(res["losses"][0] - peer["losses"][0]),
-                                   loss_last_diff=abs(res["losses"][-1] - peer["losses"][-1]))
-                        if peer["params"] != res["params"]:
-                            row["warning"] = f"param counts differ: chimera {res['params']}, torch {peer['params']}"
-                        print(f" {tps:.0f} tok/s", end="")
-                elif run_torch:
-                    row["torch"] = {"error": f"not run: {why}"}
-                print()
+                       "flops_per_token": flops, **res, "mfu": res["tokens_per_s"] * flops / peak,
+                       "peak_flops": peak}
+                if "torch_tokens_per_s" in row:
+                    row["torch_mfu"] = row["torch_tokens_per_s"] * flops / peak
+                print(f" chimera {res['tokens_per_s']:.0f} tok/s (compile {res['compile_s']:.1f} s)"
+                      + (f", torch {row['torch_tokens_per_s']:.0f} tok/s" if "torch_tokens_per_s" in row else ""),
+                      flush=True)
                 rows.append(row)
     load1 = os.getloadavg()
     wall = time.perf_counter() - t_start
-    if on_cpu:  # measure again; a measurement disturbed by other processes is low, keep the best
-        for d in dtypes:
-            again = measure_peak(d, on_cpu)
-            print(f"MFU peak {d} measured again: {again[0] / 1e9:.0f} GFLOP/s")
-            if again[0] > peaks[d][0]:
-                peaks[d] = (again[0], again[1] + ", best of start and end")
-        for r in rows:
-            peak = peaks[r["dtype"]][0]
-            r["peak_flops"] = peak
-            r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
-            if "torch_tokens_per_s" in r:
-                r["torch_mfu"] = r["torch_tokens_per_s"] * r["flops_per_token"] / peak
+    for d in list(xla_mm):  # again: a measurement disturbed by other processes is low, keep the best
+        xla_mm[d] = max(xla_mm[d], xla_matmul(d))
+    for r in rows:
+        if r["dtype"] in xla_mm:
+            r["of_xla_matmul"] = r["tokens_per_s"] * r["flops_per_token"] / xla_mm[r["dtype"]]
 
     print()
     print_table(rows)
     print()
-    print(f"tok/s: median of {steps} steps after {warmup} warm-up. MFU against "
-          + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, (p, _) in peaks.items())
-          + " (the same peak for both columns); FLOPs/token counts causal attention over visible keys only.")
+    print(f"tok/s: B*T over the median of the bursts' fastest steps; Chimera/torch: median of the "
+          f"per-burst ratios. MFU (hw): against the hardware peak ("
+          + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, (p, _) in peaks.items()) + "), both columns. "
+          "of XLA mm: against XLA's best square matmul ("
+          + ", ".join(f"{d} {x / 1e9:.0f} GFLOP/s" for d, x in xla_mm.items()) + ", before and after). "
+          "FLOPs/token count causal attention over visible keys only.")
     print("compile s: lower + compile of the jitted train step (torch eager has none). load: 1-min load "
           f"average before the row ({os.cpu_count()} CPUs; this benchmark itself adds up to about 2).")
     masking = next((r["torch"]["masking"] for r in rows if "masking" in r.get("torch", {})), None)
     if run_torch:
-        print(f"torch: {'OMP_WAIT_POLICY=PASSIVE' if args.torch_omp_passive else 'default OpenMP settings'}; "
-              "F.scaled_dot_product_attention; full layers is_causal=True, sliding-window layers an "
-              "explicit boolean band mask (SDPA has no window argument, so it does not skip the masked blocks).")
+        print(f"torch: {'default OpenMP settings' if args.torch_omp_active else 'OMP_WAIT_POLICY=PASSIVE'}; "
+              "F.scaled_dot_product_attention; full layers is_causal=True, sliding-window layers chunked "
+              "local attention (blocks of max(W, 64): skips the key blocks outside the window).")
         for r in rows:
             peer = r.get("torch", {})
             for note in (r.get("warning"), peer.get("error"), peer.get("skipped")):
@@ -379,13 +432,15 @@ def main() -> None:
 
     if args.json:
         meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "jax": jax.__version__, "backend": backend, "device": dev.device_kind,
+                "jax": jax.__version__, "backend": backend, "device": dev.device_kind, "cpu": cpu_model(),
                 "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                "dtypes": dtypes, "steps": steps, "warmup": warmup, "seed": args.seed,
+                "dtypes": dtypes, "bursts": args.bursts, "burst_steps": args.burst_steps,
+                "warmup": args.warmup, "seed": args.seed,
                 "peaks": {d: {"flops": p, "source": s} for d, (p, s) in peaks.items()},
+                "xla_matmul_flops": xla_mm,
                 "load_average_before": load0, "load_average_after": load1, "wall_s": wall,
                 "torch_note": torch_note or None, "torch_masking_example": masking,
-                "torch_omp_wait_policy": "PASSIVE" if args.torch_omp_passive else "default"}
+                "torch_omp_wait_policy": "default" if args.torch_omp_active else "PASSIVE"}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"setup": meta, "rows": rows}, indent=1) + "\n")
         print(f"wrote {args.json}")

@@ -329,7 +329,7 @@ def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_e
         diagnose = make_diagnostics(graphdef, cfg.model)
     peak, peak_src = peak_flops(models.resolve_dtype(cfg.runtime))
     log.info("MFU peak: %.3g FLOP/s per device (%s)", peak, peak_src)
-    # Simulated CPU devices share the host's cores: the measured CPU peak is per process.
+    # Simulated CPU devices share the host's cores: the CPU peak is the whole host's, per process.
     meter = Throughput(flops_total, peak, jax.process_count() if jax.default_backend() == "cpu" else mesh.size)
     logger = None
     last_saved = step if restored else None

@@ -1,8 +1,10 @@
 """Throughput accounting: model FLOPs per token and MFU against a peak-FLOPs table.
 
-On accelerators the peak is the datasheet dense figure for the compute dtype. On CPU there is
-no honest datasheet number, so the peak is measured once at start-up: the best of a few square
-matmuls in the compute dtype (the same definition as shared/research/perf_anchor.md).
+On accelerators the peak is the datasheet dense figure for the compute dtype. On CPU it is the
+hardware's peak derived from the CPU's description (cores x clock x FMA width, train/hardware.py),
+not a matmul measured at start-up: that measurement is as slow as the moment it is taken on a
+shared machine. `measure_matmul_peak` stays for the benchmarks, which print XLA's own matmul
+figure beside the hardware's.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+from train.hardware import cpu_peak_flops
 
 # Dense peak FLOP/s per device, by (device_kind substring, dtype). bf16 entries are the
 # tensor-core / MXU figures without sparsity; float32 on GPUs uses TF32 tensor cores.
@@ -44,7 +48,10 @@ def peak_flops(dtype) -> tuple[float, str]:
         for (kind, dt), flops in PEAK_FLOPS.items():
             if kind.lower() in dev.device_kind.lower() and dt == name:
                 return flops, f"table: {kind} {dt}"
-    return measure_matmul_peak(dtype), f"measured {name} matmul on {dev.device_kind}"
+    try:
+        return cpu_peak_flops(name)
+    except RuntimeError as err:  # not Linux: no CPU description to derive the peak from
+        return measure_matmul_peak(dtype), f"measured {name} matmul on {dev.device_kind} ({err})"
 
 
 class Throughput:
