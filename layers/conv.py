@@ -17,6 +17,7 @@ Shapes: B batch, T time, C channels, W kernel width.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -33,14 +34,22 @@ def init_conv_cache(batch: int, width: int, channels: int, dtype) -> dict:
             "segment_ids": jnp.zeros((batch, width - 1), jnp.int32)}
 
 
+ACTIVATIONS = {None: None, "silu": jax.nn.silu}
+
+
 def causal_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, segment_ids: jax.Array,
-                  cache: dict | None = None) -> tuple[jax.Array, dict | None]:
-    """Depthwise causal convolution of x [B, T, C] with kernel [W, C] (tap j multiplies x_{t-j}).
+                  cache: dict | None = None, activation: str | None = None) -> tuple[jax.Array, dict | None]:
+    """Depthwise causal convolution of x [B, T, C] with kernel [W, C] (tap j multiplies x_{t-j}),
+    then `activation` (None or "silu") if given.
 
     segment_ids [B, T] int. cache: None (the row starts here) or {"x": [B, W-1, C],
     "segment_ids": [B, W-1]} holding the tokens just before x. Returns (y [B, T, C] in x.dtype,
-    new cache or None).
+    new cache or None). The gradient is hand-written (`_conv`): the backward pass saves only the
+    input and recomputes the convolution, where autodiff kept every tap's masked shifted copy
+    and mask (13 arrays of the input's size at W = 4).
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"conv activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     b, t, c = x.shape
     w = kernel.shape[0]
     hist = w - 1
@@ -53,19 +62,65 @@ def causal_conv1d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, segme
     se = jnp.concatenate([hs, segment_ids.astype(jnp.int32)], axis=1)
     doc = jnp.cumsum(resets(se).astype(jnp.int32), axis=1)  # document number per token
     valid = se != 0
-    kern = kernel.astype(x.dtype)
-    y = jnp.zeros((b, t, c), jnp.float32)
-    for j in range(w):  # W is 2..4: a few shifted multiply-adds beat a generic conv on CPU
-        src = slice(hist - j, hist - j + t)
-        seen = valid[:, src] & (doc[:, src] == doc[:, hist:])  # same document, not padding
-        y = y + jnp.where(seen[..., None], xe[:, src] * kern[j], 0).astype(jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
+    # seen[j, b, t]: x_{t-j} is a non-padding token of t's document. [W, B, T]: no channel dim.
+    seen = jnp.stack([valid[:, hist - j:hist - j + t] & (doc[:, hist - j:hist - j + t] == doc[:, hist:])
+                      for j in range(w)])
+    bias = jnp.zeros((c,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    y = _conv(activation, xe, kernel.astype(x.dtype), bias, seen)
     new_cache = None
     if cache is not None:
         new_cache = {"x": xe[:, xe.shape[1] - hist:].astype(cache["x"].dtype),
                      "segment_ids": se[:, se.shape[1] - hist:]}
-    return y.astype(x.dtype), new_cache
+    return y, new_cache
+
+
+def _shifted(xe: jax.Array, j: int, t: int) -> jax.Array:
+    """x_{t-j} for t in [0, T): xe [B, W-1+T, C] holds W-1 history tokens first."""
+    hist = xe.shape[1] - t
+    return xe[:, hist - j:hist - j + t]
+
+
+def _pre_activation(xe, kern, bias, seen):
+    """z [B, T, C] float32 = bias + sum_j seen_j * x_{t-j} * kern[j]. W is 2..4: a few shifted
+    multiply-adds (one fusion) beat a generic conv on CPU."""
+    t = seen.shape[2]
+    z = jnp.zeros(xe.shape[:1] + (t, xe.shape[2]), jnp.float32) + bias
+    for j in range(kern.shape[0]):
+        z = z + jnp.where(seen[j][..., None], _shifted(xe, j, t) * kern[j], 0).astype(jnp.float32)
+    return z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv(activation, xe, kern, bias, seen):
+    """y [B, T, C] in xe.dtype = act(z), z = `_pre_activation`."""
+    z = _pre_activation(xe, kern, bias, seen)
+    act = ACTIVATIONS[activation]
+    return (z if act is None else act(z)).astype(xe.dtype)
+
+
+def _conv_fwd(activation, xe, kern, bias, seen):
+    return _conv(activation, xe, kern, bias, seen), (xe, kern, bias, seen)
+
+
+def _conv_bwd(activation, res, dy):
+    xe, kern, bias, seen = res
+    w, t = kern.shape[0], seen.shape[2]
+    hist = xe.shape[1] - t
+    dz = dy.astype(jnp.float32)
+    if activation == "silu":  # silu'(z) = s (1 + z (1 - s)), s = sigmoid(z): z recomputed
+        z = _pre_activation(xe, kern, bias, seen)
+        s = jax.nn.sigmoid(z)
+        dz = dz * s * (1.0 + z * (1.0 - s))
+    masked = [jnp.where(seen[j][..., None], dz, 0.0) for j in range(w)]  # dz_t where x_{t-j} counts
+    # x_{t-j} feeds z_t through kern[j]: dxe at index (hist - j + t) gets masked_j[t] * kern[j].
+    dxe = sum(jnp.pad(masked[j] * kern[j].astype(jnp.float32), ((0, 0), (hist - j, j), (0, 0)))
+              for j in range(w))
+    dkern = jnp.stack([jnp.sum(masked[j] * _shifted(xe, j, t).astype(jnp.float32), axis=(0, 1))
+                       for j in range(w)])
+    return dxe.astype(xe.dtype), dkern.astype(kern.dtype), jnp.sum(dz, axis=(0, 1)), None
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 class CausalConv1d(nnx.Module):
@@ -85,10 +140,13 @@ class CausalConv1d(nnx.Module):
         self.bias = param(jnp.zeros((channels,), jnp.float32), (axes,)) if bias else None
         self.width, self.channels, self.dtype = width, channels, dtype
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, cache: dict | None = None):
-        """x [B, T, C] -> (y [B, T, C], new cache or None)."""
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, cache: dict | None = None,
+                 activation: str | None = None):
+        """x [B, T, C] -> (act(conv(x)) [B, T, C], new cache or None); activation None or "silu"
+        (fused: the backward pass recomputes the conv rather than keeping its output)."""
         return causal_conv1d(x.astype(self.dtype), self.kernel[...],
-                             None if self.bias is None else self.bias[...], segment_ids, cache)
+                             None if self.bias is None else self.bias[...], segment_ids, cache,
+                             activation)
 
     def init_cache(self, batch: int, dtype) -> dict:
         return init_conv_cache(batch, self.width, self.channels, dtype)

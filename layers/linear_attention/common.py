@@ -47,12 +47,14 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from layers.conv import CausalConv1d
 from layers.linear import Dense
 from layers.registry import LayerContext
 from layers.sharding import constrain, param
 from pallas_kernels.chunked_linear_attention.api import chunked_linear_attention, decode_step
+from pallas_kernels.chunked_linear_attention.xla import STATES
 from pallas_kernels.delta_rule import api as delta_api
 from train.config import RuntimeConfig
 from train.linear_attention_config import qkv_widths
@@ -198,6 +200,13 @@ def training_flops(d_model: int, proj_out: int, proj_in: int, op: float, conv: f
 
 # ----------------------------------------------------------------------------- the base class
 
+TRAIN_REMAT = True  # see LinearAttentionMixer.__call__ (benchmarks switch it off to compare)
+OP_OUTPUT = "linear_op_output"  # saved so that the recomputation need not run the op again
+_SAVE_DOTS_AND_STATES = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names(STATES, OP_OUTPUT))
+
+
 class LinearAttentionMixer(nnx.Module):
     """Base of every mixer on the chunked linear-attention op (see the module docstring).
 
@@ -205,9 +214,11 @@ class LinearAttentionMixer(nnx.Module):
     state shape, the op's q/k scale and the channels of its short convolution. It implements
 
         features(x, *, positions, segment_ids, conv) -> (OpInputs, aux)
-            `conv(u)` applies the short causal convolution (when conv_size > 0) to u [B, T, C]
-            with C = conv_channels, keeping documents apart and the decode cache up to date;
-            call it at most once.
+            `conv(u, activation=None)` applies the short causal convolution and then
+            `activation` (None or "silu"; both only when conv_size > 0, u unchanged otherwise)
+            to u [B, T, C] with C = conv_channels, keeping documents apart and the decode cache
+            up to date; call it at most once. Pass the activation rather than applying it
+            after: fused, the backward pass keeps only u.
         readout(o, aux) -> y [B, T, d]
             o [B, T, H, V'] is the op's output (zero at padding tokens); aux is what features
             returned alongside.
@@ -243,22 +254,33 @@ class LinearAttentionMixer(nnx.Module):
         """x [B, T, d] -> q, k [B, T, H, K], v [B, T, H, V], through the short conv + SiLU
         when the mixer has one (one conv over the concatenated projections, as fla does)."""
         h, dk = self.heads, self.dk
-        qkv = conv(jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1))
-        if self.conv is not None:
-            qkv = jax.nn.silu(qkv)
+        qkv = conv(jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1), "silu")
         q, k, v = jnp.split(qkv, [h * dk, 2 * h * dk], axis=-1)
         return split_heads(q, h), split_heads(k, h), split_heads(v, h)
 
     # -- the mixer interface
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array, cache=None):
-        """x [B, T, d]; positions, segment_ids [B, T] int32 -> (y [B, T, d], cache)."""
+        """x [B, T, d]; positions, segment_ids [B, T] int32 -> (y [B, T, d], cache).
+
+        Training (no cache) runs under `TRAIN_REMAT`: the backward pass keeps the outputs of the
+        projections (matmuls without batch dims) and the op's per-chunk states, and recomputes
+        the elementwise work between them (conv, activations, norms, gates, casts); the op's
+        output is kept too, so only the op's own backward recomputes its intra-chunk part:
+        cheap, memory-bound work, where keeping it cost a linear layer more
+        activation memory than a full-attention layer (benchmarks/mixers.py --tables memory)."""
+        if cache is None and TRAIN_REMAT:
+            run = lambda m, x: m._apply(x, positions, segment_ids, None)
+            return nnx.remat(run, policy=_SAVE_DOTS_AND_STATES)(self, x)
+        return self._apply(x, positions, segment_ids, cache)
+
+    def _apply(self, x, positions, segment_ids, cache):
         new_conv: dict[str, Any] = {}
 
-        def conv(u: jax.Array) -> jax.Array:
+        def conv(u: jax.Array, activation: str | None = None) -> jax.Array:
             if self.conv is None:
                 return u
-            y, c = self.conv(u, segment_ids, None if cache is None else cache["conv"])
+            y, c = self.conv(u, segment_ids, None if cache is None else cache["conv"], activation)
             new_conv["cache"] = c
             return y
 
@@ -268,7 +290,7 @@ class LinearAttentionMixer(nnx.Module):
                             f"setup_op(delta_rule=True) (delta_rule={self.delta_rule})")
         if cache is None:
             o, _ = self._op(ins, segment_ids, None)
-            return self.readout(o, aux), None
+            return self.readout(checkpoint_name(o, OP_OUTPUT), aux), None
         o, state = self._cached(ins, segment_ids, cache)
         new_cache = {"state": state, "segment": segment_ids[:, -1].astype(jnp.int32)}
         if self.conv is not None:
@@ -323,7 +345,7 @@ class LinearAttentionMixer(nnx.Module):
 
     # -- what subclasses provide
 
-    def features(self, x, *, positions, segment_ids, conv: Callable[[jax.Array], jax.Array]):
+    def features(self, x, *, positions, segment_ids, conv: Callable[..., jax.Array]):
         raise NotImplementedError
 
     def readout(self, o: jax.Array, aux) -> jax.Array:

@@ -74,9 +74,7 @@ class MLSTM(LinearAttentionMixer):
 
     def features(self, x, *, positions, segment_ids, conv):
         h, dk, cap = self.heads, self.dk, self.cfg.gate_soft_cap
-        qk = conv(jnp.concatenate([self.q_proj(x), self.k_proj(x)], axis=-1))
-        if self.conv is not None:
-            qk = jax.nn.silu(qk)
+        qk = conv(jnp.concatenate([self.q_proj(x), self.k_proj(x)], axis=-1), "silu")
         q, k = jnp.split(qk, [h * dk], axis=-1)
         i_pre = soft_cap(self.ig_proj(x).astype(F32) + self.ig_bias[...], cap)  # [B, T, H]
         f_pre = soft_cap(self.fg_proj(x).astype(F32) + self.fg_bias[...], cap)

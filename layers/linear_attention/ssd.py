@@ -65,7 +65,9 @@ class SSD(LinearAttentionMixer):
         b, t, _ = x.shape
         h, g, n = self.heads, self.groups, self.dn
         z = self.z_proj(x)
-        xbc = jax.nn.silu(conv(jnp.concatenate([self.x_proj(x), self.bc_proj(x)], axis=-1)))
+        xbc = conv(jnp.concatenate([self.x_proj(x), self.bc_proj(x)], axis=-1), "silu")
+        if self.conv is None:  # SiLU with or without the conv (Mamba2)
+            xbc = jax.nn.silu(xbc)
         xs, bm, cm = jnp.split(xbc, [self.d_inner, self.d_inner + g * n], axis=-1)
         dt, log_decay = common.mamba2_log_decay(self.dt_proj(x), self.A_log[...], self.dt_bias[...])  # [B, T, H]
         xh = common.split_heads(xs, h)  # [B, T, H, P]

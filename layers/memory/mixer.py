@@ -134,8 +134,7 @@ class NeuralMemory(nnx.Module):
         qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
         new_conv = None
         if self.conv is not None:
-            qkv, new_conv = self.conv(qkv, segment_ids, conv_cache)
-            qkv = jax.nn.silu(qkv)
+            qkv, new_conv = self.conv(qkv, segment_ids, conv_cache, "silu")
         q, k, v = (y.reshape(b, t, h, hd) for y in jnp.split(qkv, 3, axis=-1))
         return l2_normalize(q), l2_normalize(k), v, self.gates(x), new_conv
 

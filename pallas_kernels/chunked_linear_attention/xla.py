@@ -28,7 +28,12 @@ key channel. Two forms, chosen at run time by `lax.cond` over the whole call:
     over [c, c, K].
 
 Gradients come from JAX's autodiff; masked exponents are set to -inf *before* exp, so the
-unused branch of every `where` carries no inf/NaN into the backward pass.
+unused branch of every `where` carries no inf/NaN into the backward pass. The whole op is
+rematerialised (`remat_states`): the backward pass keeps only the op's inputs and the state
+entering each chunk ([B, H, n, K, V], named STATES), and recomputes the rest (the C x C scores,
+exponentials, the f32 chunk-major copies of q, k, v). Without it autodiff keeps about three
+times as many bytes per token as the inputs, and a linear layer needed more activation memory
+than a flash-attention layer (benchmarks/mixers.py --tables memory).
 
 Dimension letters: B batch, H heads, n chunks, C chunk length, m = C / c sub-chunks, K key dim,
 V value dim. Working layout: head-major chunks [B, H, n, C, D].
@@ -41,6 +46,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.chunked_linear_attention import common
 
@@ -49,9 +55,23 @@ SUB_CHUNK = 16  # c: sub-chunk length of the exact per-channel-decay intra part
 FACTOR_RANGE = 60.0  # nats a chunk's cumulative gate may span for the one-matmul intra part
 
 
+STATES = "chunk_states"  # checkpoint_name of the per-chunk states, the only saved intermediate
+
+
+def remat_states(fn):
+    """fn rematerialised so that its backward pass saves only its arguments and the values
+    named STATES (the delta rule uses it too)."""
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(STATES))
+
+
 def chunked_linear_attention(q, k, v, log_decay, initial_state, segment_ids, *, scale: float,
                              chunk_size: int):
     """Same contract as `reference.chunked_linear_attention` (see api.py)."""
+    core = functools.partial(_forward, scale=scale, chunk_size=chunk_size)
+    return remat_states(core)(q, k, v, log_decay, initial_state, segment_ids)
+
+
+def _forward(q, k, v, log_decay, initial_state, segment_ids, *, scale: float, chunk_size: int):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     c = min(chunk_size, max(16, 1 << (t - 1).bit_length()))  # no 64-chunk for a 5-token call
@@ -111,6 +131,7 @@ def _chunked(qc, kc, vc, gc, masks, s0, *, intra):
 
     def step(s, xs):
         a, d = xs
+        s = checkpoint_name(s, STATES)
         return a[..., None] * s + d, s  # carry S_next, emit S_prev
 
     to_scan = lambda x: jnp.moveaxis(x, 2, 0)

@@ -33,7 +33,10 @@ default): then I + A has unit diagonal and |A_ij| <= beta_i, and the substitutio
 at C = 64.
 
 Gradients come from JAX's autodiff, except through the triangular solve, whose VJP is two
-matmuls (`unit_lower_solve`); the scan saves one state per chunk, never per token. Everything is
+matmuls (`unit_lower_solve`). As chunked linear attention's, the op is rematerialised: the
+backward pass keeps its inputs and the state entering each chunk, and recomputes the rest
+(the WY matrices included: the inverse is a small part of the time, and keeping T, W, U~
+and U would cost several C x K arrays per token). Everything is
 float32; outputs are cast back to q.dtype. Masked exponents are set to -inf before exp, so no
 inf/NaN reaches the backward pass.
 
@@ -42,11 +45,14 @@ Working layout: head-major chunks [B, H, n, C, D].
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels.chunked_linear_attention.xla import chunk_cumsum, doc_masks
+from pallas_kernels.chunked_linear_attention.xla import STATES, chunk_cumsum, doc_masks, remat_states
 from pallas_kernels.delta_rule import common
 
 F32 = common.F32
@@ -55,6 +61,11 @@ F32 = common.F32
 def delta_rule(q, k, v, beta, log_decay, initial_state, segment_ids, *, scale: float,
                chunk_size: int):
     """Same contract as `reference.delta_rule` (see api.py)."""
+    core = functools.partial(_forward, scale=scale, chunk_size=chunk_size)
+    return remat_states(core)(q, k, v, beta, log_decay, initial_state, segment_ids)
+
+
+def _forward(q, k, v, beta, log_decay, initial_state, segment_ids, *, scale: float, chunk_size: int):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     c = min(chunk_size, max(16, 1 << (t - 1).bit_length()))  # no 64-chunk for a 5-token call
@@ -88,6 +99,7 @@ def delta_rule(q, k, v, beta, log_decay, initial_state, segment_ids, *, scale: f
 
     def step(s, xs):
         w_n, ut_n, ke_n, a_n = xs
+        s = checkpoint_name(s, STATES)
         u_n = ut_n - jnp.einsum("bhck,bhkv->bhcv", w_n, s)
         return a_n[..., None, None] * s + jnp.einsum("bhck,bhcv->bhkv", ke_n, u_n), (s, u_n)
 
