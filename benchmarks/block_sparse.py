@@ -3,6 +3,8 @@
     python benchmarks/block_sparse.py [--impls xla] [--runs 3] [--dtype float32]
         [--density-t 4096] [--lengths 1024,2048,4096,8192,16384] [--block 64]
         [--shape 1x4x64] [--window 512] [--topk 8] [--token-lengths 512,1024,2048,4096]
+    python benchmarks/block_sparse.py --tables mixer [--route-blocks 16,32,64]
+        [--mixer-shapes 8x256,1x2048] [--bursts 7] [--calls 2]
 
 Table 1 (density): one T, the same shape, layouts listing all, 1/4, 1/8 and 1/16 of the
 (query block, key block) pairs: every query block keeps the same number of key blocks, chosen at
@@ -21,20 +23,39 @@ forward+backward time per listed block, flat when time follows the listed blocks
 
 Forward and forward+backward (value_and_grad of sum(o * w) w.r.t. q, k, v), jit'd, median of
 --runs after a compile run. No asserts: this is for reading, not for CI.
+
+Table 3 (mixer, `--tables mixer`): the moba and nsa MIXERS (projections, routing and the op, in
+the default implementation for the platform), fwd+bwd (grads of the params and x of
+sum(y * y)), per routing mode: token routing (route_block_q = 1, the default) and block routing
+with route_block_q in --route-blocks, against full causal attention ("attn") at the same width
+(d = 256, 4 heads of 64, MHA; moba / nsa at their default block 64, top_k 3 / num_selected 4,
+window 64), shapes --mixer-shapes (B x T). Candidates run interleaved, A, B, C, A, B, C, ...
+for --bursts bursts of --calls calls each (the fastest call of a burst kept); a row gives the
+median time and the medians over bursts of per-burst ratios: GFLOP/s relative to attention
+(FLOPs of each mixer's `flops_per_token`: the keys it actually reads, so the sparse mixers'
+FLOPs are a fraction of attention's) and the speed-up of block routing over token routing of
+the same mixer. CPU model and load average printed before and after.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import statistics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+import layers  # noqa: F401  (registers the mixers)
+from layers.registry import LayerContext, build_mixer, mixer_class
 from pallas_kernels.block_sparse_attention import layout as layout_lib
 from pallas_kernels.block_sparse_attention import masks
 from pallas_kernels.block_sparse_attention.api import block_sparse_attention
-from timing import median_seconds  # benchmarks/timing.py
+from timing import interleaved, median_seconds, ms, print_rows, ratio, table  # benchmarks/timing.py
+from train.config import AttentionConfig, RuntimeConfig
+from train.sparse_attention_config import MoBAConfig, NSAConfig
 
 
 def _functions(impl: str):
@@ -158,6 +179,49 @@ def length_table(impl: str, shape, lengths, block: int, window: int, topk: int, 
                   f"f+b x{per[1]:.2f}, blocks x{per[2]:.2f}")
 
 
+def _mixer_call(cfg, d: int, x, pos, seg):
+    """A compiled fwd+bwd of one mixer (grads of params and x of sum(y * y)) as a thunk."""
+    ctx = LayerContext(d_model=d, dtype=jnp.float32, runtime=RuntimeConfig(), init_std=0.02, out_std=0.02)
+    graphdef, state = nnx.split(build_mixer(cfg, ctx, rngs=nnx.Rngs(params=0)))
+
+    def loss(state, x):
+        y, _ = nnx.merge(graphdef, state)(x, positions=pos, segment_ids=seg)
+        return jnp.sum(y * y)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile()
+    return lambda: compiled(state, x)
+
+
+def mixer_table(shapes, route_blocks, bursts: int, calls: int) -> None:
+    d, heads = 256, 4
+    variants = {"attn": AttentionConfig(num_heads=heads)}
+    for kind, base in (("moba", MoBAConfig(num_heads=heads)), ("nsa", NSAConfig(num_heads=heads))):
+        for n in (1, *route_blocks):
+            variants[f"{kind} {'token' if n == 1 else f'block {n}'}"] = dataclasses.replace(base, route_block_q=n)
+    title = (f"mixer: moba / nsa fwd+bwd (grads of params and x) per FLOP relative to attention, "
+             f"by routing mode, d={d}, {heads} heads of {d // heads}, default implementations")
+    with table(title, bursts, calls):
+        body = []
+        for b, t in shapes:
+            x = jnp.asarray(np.random.default_rng(0).normal(size=(b, t, d)), jnp.float32)
+            pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            seg = jnp.ones((b, t), jnp.int32)
+            thunks = {name: _mixer_call(cfg, d, x, pos, seg) for name, cfg in variants.items()}
+            flops = {name: mixer_class(cfg).flops_per_token(cfg, d, t) for name, cfg in variants.items()}
+            times = interleaved(thunks, bursts, calls)
+            for name in variants:
+                kind = name.split()[0]
+                vs_token = "-" if kind == "attn" or name.endswith("token") else \
+                    f"{ratio(times, f'{kind} token', name):.2f}"
+                body.append([f"B{b}xT{t}", name, f"{flops[name] / 1e6:.2f}", f"{ms(times, name):.1f}",
+                             f"{b * t * flops[name] / statistics.median(times[name]) / 1e9:.1f}",
+                             f"{ratio(times, 'attn', name, flops[name] / flops['attn']):.2f}", vs_token])
+        print_rows(["shape", "mixer", "MFLOP/token", "ms", "GFLOP/s", "GFLOP/s / attn", "time token / block"],
+                   body)
+    print("GFLOP/s / attn: median over bursts of (mixer FLOPs / mixer time) / (attn FLOPs / attn time); "
+          "time token / block: median over bursts of the token-routing time / this row's time.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impls", default="xla")
@@ -171,7 +235,11 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--token-lengths", default="512,1024,2048,4096",
                         help="T of the token-granular top-k rows (block_q = 1); empty: none")
-    parser.add_argument("--tables", default="density,length")
+    parser.add_argument("--tables", default="density,length", help="of density,length,mixer")
+    parser.add_argument("--route-blocks", default="16,32,64", help="route_block_q of the mixer rows")
+    parser.add_argument("--mixer-shapes", default="8x256,1x2048", help="BxT of the mixer rows")
+    parser.add_argument("--bursts", type=int, default=7, help="mixer table: interleaved bursts")
+    parser.add_argument("--calls", type=int, default=2, help="mixer table: calls per burst (fastest kept)")
     args = parser.parse_args()
     shape = tuple(int(x) for x in args.shape.split("x"))
     if len(shape) != 3:
@@ -190,6 +258,9 @@ def main() -> None:
         if "length" in args.tables:
             length_table(impl, shape, lengths, args.block, args.window, args.topk, dtype,
                          args.runs, token_lengths)
+    if "mixer" in args.tables:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.mixer_shapes.split(",")]
+        mixer_table(shapes, [int(n) for n in args.route_blocks.split(",")], args.bursts, args.calls)
 
 
 if __name__ == "__main__":

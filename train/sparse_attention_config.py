@@ -8,8 +8,12 @@ declaring mixers, and `--set model.mixers.moba.top_k=4` edits the default:
     nsa    Native Sparse Attention (Yuan et al. 2025)
 
 Both run on `pallas_kernels.block_sparse_attention` (its implementation is
-`runtime.sparse_attention_impl`). The equations, the defaults and where they depart from the
-papers live in the mixers' module docstrings. Defaults are CPU-scale (block 64 / window 64);
+`runtime.sparse_attention_impl`). Both route per query token by default (`route_block_q = 1`,
+the faithful form); `route_block_q = n` (a power of two >= 16 dividing block_size) routes per
+group of n consecutive queries instead, the choice of the group's first query shared by the
+group, so the op runs block matmuls and the Pallas GPU / TPU kernels can serve it (the math:
+layers/sparse_attention/routing.py, "Block routing"). The equations, the defaults and where
+they depart from the papers live in the mixers' module docstrings. Defaults are CPU-scale (block 64 / window 64);
 the papers use blocks of 512-4096 (MoBA), 128 (FlashMoBA) and 64 with a 512 window (NSA).
 
 Imported at the bottom of train/config.py, so these kinds exist wherever `Config` does.
@@ -31,17 +35,30 @@ def _at_least(cfg, where: str, minimum: int, *names: str) -> None:
 
 
 class _SparseHeads(HeadsConfig):
-    """Both kinds: the attention head fields (train/config.py HeadsConfig), and a refusal of
-    the Pallas implementations, which serve no token-granular layout (block_q = 1)."""
+    """Both kinds: the attention head fields (train/config.py HeadsConfig), the check of
+    `route_block_q`, and a refusal of the Pallas implementations for layouts they do not
+    serve: token routing (block_q = 1) on either; on TPU also query or key blocks that are not
+    multiples of 128 (Mosaic's lane tiling)."""
+
+    def check_route_block_q(self, where: str) -> None:
+        n, bs = self.route_block_q, self.block_size
+        if n != 1 and not (n >= 16 and n & (n - 1) == 0 and bs % n == 0):
+            raise ConfigError(f"{where}.route_block_q must be 1 (token routing) or a power of two >= 16 "
+                              f"dividing {where}.block_size={bs}, got {n}")
 
     def check_runtime(self, runtime, where: str) -> None:
         impl = runtime.sparse_attention_impl
-        if impl in ("gpu", "tpu"):
+        if impl in ("gpu", "tpu") and self.route_block_q == 1:
             raise ConfigError(
                 f"runtime.sparse_attention_impl={impl!r} cannot compute {where} ({self.kind}): "
                 f"its routing is per query token (block layouts with block_q = 1), which the "
                 f"Pallas {impl} kernels do not serve (they need blocks of >= 16 / 128 queries); "
-                f"use 'xla', 'reference' or None")
+                f"use 'xla', 'reference' or None, or set {where}.route_block_q (block routing)")
+        if impl == "tpu" and (self.route_block_q % 128 or self.block_size % 128):
+            raise ConfigError(
+                f"runtime.sparse_attention_impl='tpu' cannot compute {where} ({self.kind}): the "
+                f"Mosaic kernels need {where}.route_block_q and {where}.block_size to be multiples "
+                f"of 128, got {self.route_block_q} and {self.block_size}; use 'xla', 'reference' or None")
 
 
 @register_mixer_config
@@ -55,15 +72,20 @@ class MoBAConfig(_SparseHeads):
     top_k: blocks per query token, the own block included (paper 3; FlashMoBA 8).
     key_conv_size: width of FlashMoBA's short depthwise causal convolution on the keys; 0 (the
       default, as the MoBA paper) turns it off, else >= 2.
+    route_block_q: 1 (the default, as the paper): every query token routes itself; n: each
+      group of n consecutive queries (n a power of two >= 16 dividing block_size) shares the
+      choice its first query makes (layers/sparse_attention/moba.py).
     """
     kind: ClassVar[str] = "moba"
     block_size: int = 64
     top_k: int = 3
     key_conv_size: int = 0
+    route_block_q: int = 1
 
     def check(self, d_model: int, where: str) -> None:
         super().check(d_model, where)
         _at_least(self, where, 1, "block_size", "top_k")
+        self.check_route_block_q(where)
         if self.key_conv_size != 0 and self.key_conv_size < 2:
             raise ConfigError(f"{where}.key_conv_size must be 0 (no convolution) or >= 2, "
                               f"got {self.key_conv_size}")
@@ -84,16 +106,21 @@ class NSAConfig(_SparseHeads):
     window: sliding-window branch, keys i - window < j <= i (paper 512; 64 suits CPU runs).
     compression: "mean" (mean pooling, as fla) or "mlp" (the paper's learned MLP over the
       block's keys plus a learned intra-block position embedding).
+    route_block_q: 1 (the default, as the paper): every query token selects its blocks; n: each
+      group of n consecutive queries (n a power of two >= 16 dividing block_size) shares the
+      selection of its first query (layers/sparse_attention/nsa.py).
     """
     kind: ClassVar[str] = "nsa"
     block_size: int = 64
     num_selected: int = 4
     window: int = 64
     compression: Literal["mean", "mlp"] = "mean"
+    route_block_q: int = 1
 
     def check(self, d_model: int, where: str) -> None:
         super().check(d_model, where)
         _at_least(self, where, 1, "block_size", "num_selected", "window")
+        self.check_route_block_q(where)
 
 
 SPARSE_ATTENTION_CONFIGS = (MoBAConfig, NSAConfig)

@@ -12,8 +12,9 @@ Attention") as an option. Kind "moba".
 
 Faithful: parameter-free gate on mean-pooled keys, stop-gradient through the choice, future
 blocks excluded, the own block always chosen, counted in top_k and causal inside; GQA; RoPE'd
-q and k in the gate (MoBA gates the same q, k its attention uses). Routing is token-granular:
-each query token (not each query block) picks its blocks, the layout is built with block_q = 1.
+q and k in the gate (MoBA gates the same q, k its attention uses). Routing is token-granular
+by default (route_block_q = 1): each query token (not each query block) picks its blocks, the
+layout is built with block_q = 1.
 Choices of ours:
   * Ties: lax.top_k keeps the lower block index, so the choice is deterministic.
   * Packed rows (the papers route per sequence, varlen): blocks are positional blocks of the
@@ -27,10 +28,20 @@ Choices of ours:
     document-aware depthwise causal conv (with bias, no activation) on the projected keys, before
     qk_norm and RoPE; the convolved keys serve both the gate and the attention.
   * Defaults are CPU-scale: block 64 (paper 512-4096, FlashMoBA 128), top_k 3 (paper 3).
+  * route_block_q = n > 1 (an option; a power of two >= 16 dividing bs): block routing
+    (routing.py, "Block routing"). The n queries of group g = i // n share the choice of the
+    group's first query l = g n:
+        s[g, n'] = q_l . kbar_n'         chosen(g) = top_k over the blocks n' <= l // bs of l's
+                                         document, own block l // bs (= i // bs) forced
+        o_i = softmax over j in chosen(i // n), j <= i, same document (q_i . k_j / sqrt(D)) v_j
+    The gate runs on nq = ceil(T / n) leaders only (n times fewer scores) and the op on
+    [n, bs] block pairs (block matmuls; the Pallas kernels serve them). The first query, not
+    the group's mean query, so that decode equals the parallel form (routing.py says why).
 
 Computation: the gate is a dense [B, H, T, T / bs] matmul; the attention runs on
 `pallas_kernels.block_sparse_attention` (implementation runtime.sparse_attention_impl) with
-the layout `from_topk(blocks, block_q=1, block_k=bs, causal=True)` built on device.
+the layout `from_topk(blocks, block_q=1, block_k=bs, causal=True)` built on device (block
+routing: the gate on the leaders q[:, ::n] and `from_topk(blocks, block_q=n, ...)`).
 
 MoBA selection at decode time. The cache is a full-length KV cache (common.py): slot j holds
 the token of index j, so the cache's blocks are the parallel form's blocks. Each new token
@@ -41,6 +52,12 @@ and attends densely over the cache with that mask (O(S) per token: decode reads 
 cache once). The means of complete blocks are the same as in the parallel form, so prefill +
 token-by-token decode equals the full forward (tests/layers/test_sparse_attention_mixers.py).
 With key_conv_size the conv's history is cached too (layers/conv.py).
+With block routing each new token is gated with its leader's query instead of its own (over
+the leader's document's blocks): the leader's query is read from the call's tokens, or from
+the cache's "route_q" (float32 [B, H, D], the routing query of the last token written) when
+the leader came in an earlier call. The blocks before the own one are complete and the own
+one is forced, so the leader's choice is the same whenever it is recomputed, and decode
+equals the parallel form (tests/layers/test_sparse_block_routing.py).
 """
 from __future__ import annotations
 
@@ -83,16 +100,22 @@ class MoBA(SparseAttentionBase):
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array, cache=None):
         """x [B, T, d]; positions, segment_ids [B, T] int32 -> (y [B, T, d], cache)."""
-        t = x.shape[1]
+        t, n = x.shape[1], self.cfg.route_block_q
         q, k, v, cache = self.project(x, positions, segment_ids, cache)
         if cache is None:
-            blocks = self.route(q, k, segment_ids, jnp.arange(t, dtype=jnp.int32))
-            layout = from_topk(blocks, block_q=1, block_k=self.cfg.block_size, q_len=t, kv_len=t, causal=True)
+            leaders = jnp.arange(0, t, n, dtype=jnp.int32)  # every token when n = 1
+            blocks = self.route(q[:, ::n], k, segment_ids, leaders)  # [B, H, ceil(T / n), top_k]
+            layout = from_topk(blocks, block_q=n, block_k=self.cfg.block_size, q_len=t, kv_len=t, causal=True)
             o, _ = block_sparse_attention(q, k, v, layout, segment_ids=segment_ids,
                                           implementation=self.runtime.sparse_attention_impl)
             return self.output(o), None
         k_all, v_all, seg_all, q_idx, cache = self.write(cache, k, v, segment_ids, positions)
-        blocks = self.route(q, k_all, seg_all, q_idx)
+        if n == 1:
+            blocks = self.route(q, k_all, seg_all, q_idx)
+        else:  # each token gated with its group leader's query, over the leader's document
+            leaders = routing.group_leaders(q_idx, n)
+            q_route, cache["route_q"] = routing.route_queries(q, q_idx, leaders, cache["route_q"])
+            blocks = self.route(q_route, k_all, seg_all, leaders)
         mask = routing.selected_mask(blocks, q_idx, k_all.shape[1], self.cfg.block_size)
         mask = mask & routing.same_document(segment_ids, seg_all)[:, None]
         return self.output(masked_attention(q, k_all, v_all, mask)), cache
@@ -101,19 +124,22 @@ class MoBA(SparseAttentionBase):
         cache = super().init_cache(batch, max_len, dtype)
         if self.cfg.key_conv_size:
             cache["conv"] = self.key_conv.init_cache(batch, dtype)
+        if self.cfg.route_block_q > 1:  # the current group leader's query (block routing)
+            cache["route_q"] = jnp.zeros((batch, self.heads, self.head_dim), jnp.float32)
         return cache
 
     @staticmethod
     def flops_per_token(cfg: MoBAConfig, d_model: int, seq_len: int) -> float:
         """Training FLOPs per token (fwd + bwd = 3x fwd, 2 per multiply-add): projections, the
         attention over the keys actually visible (own block up to the token, plus up to
-        top_k - 1 whole earlier blocks), the gate (forward only: no gradient) and the conv."""
+        top_k - 1 whole earlier blocks), the gate (forward only: no gradient; on one query in
+        route_block_q) and the conv."""
         hd, h, kvh, bs = cfg.dim_per_head(d_model), cfg.num_heads, cfg.kv_heads, cfg.block_size
         proj = 2 * d_model * hd * (2 * h + 2 * kvh)
         visible = mean_visible(seq_len, lambda t: t % bs + 1 + bs * np.minimum(cfg.top_k - 1, t // bs))
         attn = 2 * 2 * h * hd * visible
         conv = 2 * cfg.key_conv_size * kvh * hd
-        gate = 2 * h * hd * mean_visible(seq_len, lambda t: t // bs + 1)
+        gate = 2 * h * hd * mean_visible(seq_len, lambda t: t // bs + 1) / cfg.route_block_q
         return 3.0 * (proj + attn + conv) + gate
 
     def describe(self) -> str:
@@ -121,5 +147,7 @@ class MoBA(SparseAttentionBase):
         parts = [f"moba {self.describe_heads()}", f"block={c.block_size} top_k={c.top_k} (own block included)"]
         if c.key_conv_size:
             parts.append(f"key_conv={c.key_conv_size}")
+        if c.route_block_q > 1:
+            parts.append(f"route_block_q={c.route_block_q} (block routing by each group's first query)")
         parts.append(self.describe_impl())
         return ", ".join(parts)

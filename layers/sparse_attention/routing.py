@@ -17,6 +17,34 @@ A new document must get a segment id different from its left neighbour's
 (the data pipeline numbers documents; the op compares ids, so an id reused after padding would
 be the same document to it).
 
+Block routing (`route_block_q` = n > 1; n a power of two >= 16 dividing bs, checked by the
+configs). Queries are grouped by index, group g = i // n, and every query of a group uses the
+choice that token routing makes for the group's LEADER, its first index l(i) = (i // n) n:
+
+    chosen(i) = chosen_token(l(i))      (gate / importance of q_l, candidates and forced blocks
+                                         of l, l's document), shared by the group's n queries
+    o_i = softmax over j in chosen blocks, j <= i, same document (q_i . k_j / sqrt(D)) v_j
+
+so the layout is `from_topk(choices [.., nq, k], block_q=n, block_k=bs)`: one list per query
+block, whose blocks are block matmuls (the op keeps the causal mask j <= i per token inside the
+own block, and the segment mask). Because n divides bs, a group lies inside one key block:
+l // bs = i // bs for each of its queries, so the eligible blocks are the blocks up to the
+group's last query (nothing in the future of any of them is listed except the own block,
+which is causal inside) and the forced own block is every member's own block.
+Why the leader, not the mean (or max) of the group's queries: a mean makes token i's keys
+depend on queries after i, which decode cannot see (they depend on i's own output), so decode
+could not equal the parallel form. The leader's choice is causal: decode keeps the latest
+leader's query in the cache (`route_queries`) and repeats the parallel choice exactly. n = 1
+makes every token its own leader: token routing, unchanged.
+Documents under block routing: the group routes by its leader's document (padding, for a
+padding leader). A query of the group in another document (one starting inside the group)
+has its whole document history inside the own key block, which is always chosen and masked
+to its document by segment id; the leader's other blocks end before the group starts and hold
+none of its keys. So it attends to all of its document so far, exactly as token routing makes
+it (its only eligible block is the own one): documents never see each other's keys, and a
+document depends on a neighbour only where token routing already lets it (MoBA's mean of a
+shared first block).
+
 Dimension letters: B batch, Tq query tokens, L keys (T, or the cache's S slots), H query heads,
 K kv heads (H % K == 0, head h reads kv head h // (H // K)), D head dim, bs block size,
 nb = ceil(L / bs) blocks, nc = L // bs complete blocks (NSA's compressed tokens), k top-k slots.
@@ -41,6 +69,28 @@ def doc_starts(segment_ids: jax.Array) -> jax.Array:
 def query_doc_starts(segment_ids: jax.Array, q_idx: jax.Array) -> jax.Array:
     """doc_starts of the keys [B, L] read at the query indices q_idx [Tq] -> int32 [B, Tq]."""
     return jnp.take(doc_starts(segment_ids), q_idx, axis=1)
+
+
+def group_leaders(q_idx: jax.Array, route_block_q: int) -> jax.Array:
+    """int32 [Tq]: the leader (first index) of each query's routing group, (i // n) n."""
+    return (q_idx.astype(jnp.int32) // route_block_q) * route_block_q
+
+
+def route_queries(q: jax.Array, q_idx: jax.Array, leaders: jax.Array,
+                  cached: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Decode under block routing: the routing query of each new token, its leader's query.
+
+    q [B, Tq, H, D]: the new tokens, at indices q_idx [Tq] (consecutive, from the cache index);
+    leaders [Tq] (`group_leaders`); cached float32 [B, H, D]: the routing query of the last
+    token written before this call. A leader among the new tokens is read from q; an earlier
+    one is the cached query (a token's leader is either new or the previous token's leader).
+    Returns (float32 [B, Tq, H, D], the new cached query float32 [B, H, D]: the last token's).
+    float32 keeps the query exact whatever the cache dtype (the gates cast it to float32 too).
+    """
+    local = leaders - q_idx[0]
+    new = jnp.take(q, jnp.clip(local, 0, q.shape[1] - 1), axis=1).astype(F32)
+    out = jnp.where((local >= 0)[None, :, None, None], new, cached[:, None].astype(F32))
+    return out, out[:, -1]
 
 
 def _blocks(x: jax.Array, block_size: int, complete_only: bool = False) -> jax.Array:
