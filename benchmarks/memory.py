@@ -1,4 +1,4 @@
-"""Speed of the test-time memory (pallas_kernels/neural_memory), three tables:
+"""Speed of the test-time memory (pallas_kernels/neural_memory), four tables:
 
   (a) the op's forward+backward time vs sequence length T, linear and MLP memory, xla
       implementation with its default path ("auto": `dual=None`, the dual form wherever the
@@ -12,11 +12,20 @@
       titans-pytorch's `NeuralMemory` at the same dim, heads, head dim, MLP depth 2, expansion 4
       and chunk, forward+backward of the module alone, on the same CPU (the torch side runs
       benchmarks/memory_torch_peer.py under .venv-torch/bin/python, after the JAX side, never
-      at the same time).
+      at the same time);
+  (d) per FLOP against attention, interleaved: the memory mixer (the titans presets' mixer:
+      MemoryConfig defaults, 4 heads of 64 at d_model 256) against full causal attention at the
+      same width, fwd+bwd w.r.t. params and x, GFLOP/s by each mixer's own `flops_per_token`;
+      also the op alone (xla path, fwd+bwd) and the mixer with the op as it was at commit
+      OLD_COMMIT (loaded from git; n/a without git), B8xT256 and B1xT2048. Runs A, B, C, A, B,
+      C, ... in --bursts bursts of --calls calls (fastest kept); ratios are medians of the
+      per-burst ratios (benchmarks/delta_solve.py's method). Prints the CPU (lscpu) and
+      `uptime` before and after.
 
-    .venv/bin/python benchmarks/memory.py                       # all three, ~5 min on 2 cores
+    .venv/bin/python benchmarks/memory.py                       # all four, ~8 min on 2 cores
     .venv/bin/python benchmarks/memory.py --tables a --lengths 256,512,1024
     .venv/bin/python benchmarks/memory.py --tables c --torch-omp-passive
+    .venv/bin/python benchmarks/memory.py --tables d --bursts 7
 
 Every timed function is jitted and blocks on its result (benchmarks/timing.py); medians of
 `--runs` calls after one warm-up. Forward+backward is `value_and_grad` of sum(o * w) (fixed
@@ -27,11 +36,14 @@ LayerNorm readout (TTT / titans-pytorch's ResidualNorm); linear: plain x W.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +59,8 @@ from pallas_kernels.neural_memory import common, reference, xla  # noqa: E402
 from pallas_kernels.neural_memory.common import MemorySpec  # noqa: E402
 
 CHUNK = 16
+# The xla path before the W0-free chunk body (table d's "old"): the op as of this commit.
+OLD_COMMIT = "bbe9381c6b14461db020d1c7aae845dd1ca47407"
 
 
 def spec_for(arch: str, chunk: int = CHUNK) -> MemorySpec:
@@ -214,10 +228,124 @@ def table_c(args):
               f"{versions[0]['threads']} threads")
 
 
+def old_xla():
+    """pallas_kernels/neural_memory/xla.py as of OLD_COMMIT, as a module, or None without git."""
+    try:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{OLD_COMMIT}:pallas_kernels/neural_memory/xla.py"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"    (old op n/a: {e})")
+        return None
+    module = types.ModuleType("neural_memory_xla_old")
+    exec(compile(src, f"{OLD_COMMIT[:7]}:pallas_kernels/neural_memory/xla.py", "exec"), module.__dict__)
+    return module
+
+
+@contextlib.contextmanager
+def op_implementation(fn):
+    """While active, the op's "xla" implementation is `fn` (None: unchanged); trace inside."""
+    from pallas_kernels import dispatch
+    from pallas_kernels.neural_memory import api
+    saved = dispatch.get(api.OP, "xla")
+    if fn is not None:
+        dispatch.register(api.OP, "xla", fn)
+    try:
+        yield
+    finally:
+        dispatch.register(api.OP, "xla", saved)
+
+
+def machine() -> str:
+    """The CPU model from lscpu (else /proc/cpuinfo) and the CPU count."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.SubprocessError, StopIteration):
+        name = "unknown CPU"
+    return f"{name}, {os.cpu_count()} CPUs"
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def mixer_call(cfg, d, b, t):
+    """(call, flops_per_token): the mixer's fwd+bwd (grads of params and x) of sum(y^2), compiled."""
+    from layers.registry import LayerContext, build_mixer, mixer_class
+    from train.config import RuntimeConfig
+    ctx = LayerContext(d_model=d, dtype=jnp.float32, runtime=RuntimeConfig(), init_std=0.02, out_std=0.02)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(b, t, d)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    seg = jnp.ones((b, t), jnp.int32)
+    graphdef, state = nnx.split(build_mixer(cfg, ctx, rngs=nnx.Rngs(params=0)))
+
+    def loss(state, x):
+        y, _ = nnx.merge(graphdef, state)(x, positions=pos, segment_ids=seg)
+        return jnp.sum(y * y)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile()
+    return (lambda: compiled(state, x)), mixer_class(cfg).flops_per_token(cfg, d, t)
+
+
+def op_call(module, spec, b, t, h, dh):
+    """The op's fwd+bwd (grads of q, k, v, gates, W0) through `module`'s neural_memory, the
+    mixer's segment_ids (all ones), compiled."""
+    a, w0, w = inputs(spec, b, t, h, dh)
+    seg = jnp.ones((b, t), jnp.int32)
+
+    def loss(a, w0):
+        return jnp.sum(module.neural_memory(spec, *a, initial_weights=w0, segment_ids=seg)[0] * w)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(a, w0).compile()
+    return lambda: compiled(a, w0)
+
+
+def table_d(args):
+    from delta_solve import interleaved, print_rows, ratio  # noqa: E402  (benchmarks/delta_solve.py)
+    from train.config import AttentionConfig
+    from train.memory_config import MemoryConfig
+    d, heads = 256, 4
+    memory, attn = MemoryConfig(num_heads=heads), AttentionConfig(num_heads=heads)
+    old = old_xla()
+    print(f"\n(d) memory mixer per FLOP vs full attention, d={d}, {heads} heads of {d // heads}, fwd+bwd (grads "
+          f"of params and x), float32; {args.bursts} bursts x {args.calls} calls\n    {machine()}; jax "
+          f"{jax.__version__}\n    before: {uptime()}", flush=True)
+    body = []
+    for b, t in ((8, 256), (1, 2048)):
+        calls, flops = {}, {}
+        calls["attn"], flops["attn"] = mixer_call(attn, d, b, t)
+        calls["memory"], flops["memory"] = mixer_call(memory, d, b, t)
+        calls["op"] = op_call(xla, memory.spec(), b, t, heads, d // heads)
+        if old is not None:
+            with op_implementation(old.neural_memory):
+                calls["memory old op"], flops["memory old op"] = mixer_call(memory, d, b, t)
+            calls["op old"] = op_call(old, memory.spec(), b, t, heads, d // heads)
+        times = interleaved(calls, args.bursts, args.calls)
+        med = lambda n: 1e3 * statistics.median(times[n])
+        for name in ("attn", "memory", "memory old op"):
+            if name not in times:
+                continue
+            gflops = flops[name] * b * t / statistics.median(times[name]) / 1e9
+            per_flop = ratio(times, "attn", name, flops[name] / flops["attn"])
+            body.append([f"B{b}xT{t}", f"{name} mixer" if name == "attn" else name, f"{flops[name] / 1e6:.2f}",
+                         f"{med(name):.1f}", f"{gflops:.1f}", f"{per_flop:.2f}", ""])
+        speedup = f"{ratio(times, 'op old', 'op'):.2f}" if "op old" in times else "n/a"
+        body.append([f"B{b}xT{t}", "op (xla)", "", f"{med('op'):.1f}", "", "", speedup])
+        if "op old" in times:
+            body.append([f"B{b}xT{t}", "op old (xla)", "", f"{med('op old'):.1f}", "", "", "1.00"])
+    print_rows(["shape", "run", "MFLOP/token", "ms", "GFLOP/s", "GFLOP/s / attn", "op old / op"], body)
+    print(f"    after: {uptime()}")
+    print(f"    'memory old op': the same mixer with the op of {OLD_COMMIT[:7]}; 'op': the op alone on the "
+          f"mixer's q/k/v/gate shapes (MemorySpec defaults, segment_ids all ones).")
+
+
 def main(argv=None) -> int:
     triple = lambda s: tuple(int(x) for x in s.lower().split("x"))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tables", default="abc", help="any of a, b, c")
+    ap.add_argument("--tables", default="abcd", help="any of a, b, c, d")
     ap.add_argument("--shape", type=triple, default=(2, 4, 32), help="BxHxD of tables a and b")
     ap.add_argument("--lengths", default="256,512,1024,2048,4096", help="table a")
     ap.add_argument("--path-lengths", default="256,1024", help="table b")
@@ -228,10 +356,12 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-python", default=str(ROOT / ".venv-torch" / "bin" / "python"))
     ap.add_argument("--torch-omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE for torch")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--bursts", type=int, default=5, help="table d: interleaved bursts")
+    ap.add_argument("--calls", type=int, default=2, help="table d: calls per burst (fastest kept)")
     args = ap.parse_args(argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, float32, "
           f"load average {os.getloadavg()[0]:.1f}")
-    for name, fn in (("a", table_a), ("b", table_b), ("c", table_c)):
+    for name, fn in (("a", table_a), ("b", table_b), ("c", table_c), ("d", table_d)):
         if name in args.tables:
             fn(args)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")

@@ -39,6 +39,10 @@ per (row, head) in activations, and is the check of the dual form.
 
 A `lax.scan` over chunks carries (M, S) in float32; its body is rematerialised
 (`jax.checkpoint`), so the backward pass stores one state per chunk, never per token.
+In the dual form, a token's anchor is W0 only where its document starts inside its chunk; the
+chunk body multiplies by W0 (besides the carried state, selecting per token) only in chunks that
+have such a token (`lax.cond` per chunk, and one scan without any W0 product when no row has
+one): the W0 products were 5 of the body's 16 [C, d] x [d, d'] matmuls per chunk.
 Dimension letters as in common.py; working layout chunk-major [n, B, H, C, ...].
 """
 from __future__ import annotations
@@ -120,9 +124,24 @@ def neural_memory(spec: common.MemorySpec, q, k, v, theta, alpha=None, eta=None,
 
     w0 = tuple(x.astype(F32) for x in initial_weights)
     state = common.start_state(spec, initial_weights, initial_state, b)
-    body = _dual_chunk if dual else _materialized_chunk
-    step = jax.checkpoint(lambda carry, xs: body(spec, w0, carry, xs))
-    final, o = lax.scan(step, state, coefs)  # o [n, B, H, C, V]
+    if dual:
+        if spec.read == "after_write":  # layer 1's G o (q . k): independent of the state
+            coefs["gq"] = gmat * jnp.einsum("...td,...id->...ti", qc, kc)
+        # Rematerialised per chunk: the backward pass stores one state per chunk (measured
+        # faster on XLA:CPU than saving the body's dots or all of its residuals as well).
+        fast = jax.checkpoint(lambda carry, xs: _dual_chunk(spec, w0, carry, xs, carried_only=True))
+        slow = jax.checkpoint(lambda carry, xs: _dual_chunk(spec, w0, carry, xs, carried_only=False))
+        scan = lambda body: lambda carry, xs: lax.scan(body, carry, xs)
+        if segment_ids is None:  # every token reaches the carried state
+            final, o = scan(fast)(state, coefs)
+        else:
+            # Only a chunk with a document start inside it needs W0 products: one branch for
+            # rows without any (one scan of the fast body), else a choice per chunk.
+            mixed = lambda carry, xs: lax.cond(jnp.all(xs["reach"]), fast, slow, carry, xs)
+            final, o = lax.cond(jnp.all(coefs["reach"]), scan(fast), scan(mixed), state, coefs)
+    else:
+        step = jax.checkpoint(lambda carry, xs: _materialized_chunk(spec, w0, carry, xs))
+        final, o = lax.scan(step, state, coefs)  # o [n, B, H, C, V]
     o = jnp.moveaxis(o, 0, 1)  # [B, n, H, C, V]
     o = jnp.moveaxis(o, 2, 3).reshape(b, tp, h, -1)[:, :t]
     return jnp.where(valid[..., None, None], o, 0.0).astype(q.dtype), final
@@ -144,7 +163,60 @@ def _scale(c, x):
     return c.reshape(c.shape + (1,) * (x.ndim - c.ndim)) * x
 
 
-def _dual_chunk(spec, w0, state, xs):
+def _anchor_pass(spec, matmul, xs, z0):
+    """The keys through the memory at their gradient point and the vjp of the bias: per layer
+    the input a_i [..., C, d_in] and d_i = dl/dz_i [..., C, d_out] (tokens are independent).
+    matmul(x, i): x [..., C, d_in] times each token's anchor of layer i; z0 = matmul(k, 0)."""
+    k, lam = xs["k"], xs["lam_in"]
+    act = common.activation(spec)
+    depth = spec.depth if spec.arch == "mlp" else 1
+
+    def forward(eps):  # eps added to each layer's pre-activation z
+        a, inputs = k, []
+        for i in range(depth):
+            inputs.append(a)
+            z = z0 if i == 0 else matmul(a, i)
+            if spec.gradient_at == "decayed":
+                z = _scale(lam, z)
+            a = z + eps[i]
+            if i < depth - 1:
+                a = act(a)
+        loss = common.bias_loss(spec, common.readout(spec, k, a), xs["v"], xs["delta"][..., None])
+        return loss, tuple(inputs)
+
+    zeros = tuple(jnp.zeros(k.shape[:-1] + (d_out,), F32) for d_out in _widths(spec, k, xs["v"]))
+    _, vjp, inputs = jax.vjp(forward, zeros, has_aux=True)
+    (d,) = vjp(jnp.ones((), F32))
+    return inputs, d
+
+
+def _widths(spec, k, v):
+    """d_out of every layer."""
+    return tuple(s[1] for s in common.layer_shapes(spec, k.shape[-1], v.shape[-1]))
+
+
+def _read(spec, matmul, xs, inputs, td, z0, momentum=None):
+    """o [..., C, V] of the chunk's tokens (after_write: their weights after their own write, in
+    dual form; chunk_lagged: their anchor). matmul as in `_anchor_pass`; inputs, td: per layer
+    a_i and theta_i d_i; z0 = matmul(q, 0); momentum(x, i): x times the carried momentum of
+    layer i, or None where the read has no momentum term (plain GD)."""
+    q = xs["q"]
+    act = common.activation(spec)
+    depth = len(inputs)
+    b_ = q
+    for i in range(depth):
+        z = z0 if i == 0 else matmul(b_, i)
+        if spec.read == "after_write":
+            gram = xs["gq"] if i == 0 and "gq" in xs else \
+                xs["g"] * jnp.einsum("...td,...id->...ti", b_, inputs[i])
+            z = _scale(xs["lam_in"], z) - jnp.einsum("...ti,...iv->...tv", gram, td[i])
+            if momentum is not None:
+                z = z + _scale(xs["f"], momentum(b_, i))
+        b_ = act(z) if i < depth - 1 else z
+    return common.readout(spec, q, b_)
+
+
+def _dual_chunk(spec, w0, state, xs, carried_only):
     """One chunk of a memory whose weights are its state (phi = identity), any depth, in dual
     form: (M_0, S_0) -> o [B, H, C, V] without per-token weights.
 
@@ -153,50 +225,40 @@ def _dual_chunk(spec, w0, state, xs):
     W_t = L_t A + f_t S_0 - sum_i G_{t,i} theta_i a_i^T d_i at input b_t is
     L_t b_t A + f_t b_t S_0 - sum_i G_{t,i} theta_i (b_t . a_i) d_i: [C, C] matrices per layer.
     a_i, d_i come from one batched forward at the anchors and its vjp w.r.t. each layer's
-    pre-activation (any bias, residual, LayerNorm, activation: autodiff does the chain rule)."""
-    q, k, v, th, reach, lam = xs["q"], xs["k"], xs["v"], xs["theta"], xs["reach"], xs["lam_in"]
+    pre-activation (any bias, residual, LayerNorm, activation: autodiff does the chain rule).
+
+    carried_only: every token of the chunk reaches the carried state (no document starts
+    inside it: xs["reach"] all true), so the anchor is M_0 for all and W0 is never multiplied.
+    Else each product with the anchor is taken with both M_0 and W0 and selected per token."""
+    reach = xs["reach"]
     r = reach[..., None]  # [B, H, C, 1]: the token's anchor is the carried state, else W0
-    act = common.activation(spec)
     depth = len(w0)
-
-    def at_anchor(x, i):  # x [B, H, C, d_in] times each token's anchor of layer i
-        return jnp.where(r, jnp.einsum("bhci,bhio->bhco", x, state.weights[i]),
-                         jnp.einsum("bhci,hio->bhco", x, w0[i]))
-
-    def forward(eps):  # the memory of every token at its gradient point, eps added to each z
-        a, inputs = k, []
-        for i in range(depth):
-            inputs.append(a)
-            z = at_anchor(a, i)
-            if spec.gradient_at == "decayed":
-                z = _scale(lam, z)
-            a = z + eps[i]
-            if i < depth - 1:
-                a = act(a)
-        loss = common.bias_loss(spec, common.readout(spec, k, a), v, xs["delta"][..., None])
-        return loss, tuple(inputs)
-
-    zeros = tuple(jnp.zeros(k.shape[:3] + (w.shape[-1],), F32) for w in w0)
-    _, vjp, inputs = jax.vjp(forward, zeros, has_aux=True)
-    (d,) = vjp(jnp.ones((), F32))  # per layer dl/dz [B, H, C, d_out] (tokens are independent)
-    td = tuple(_scale(th, x) for x in d)
-
-    b_ = q
-    for i in range(depth):
-        z = at_anchor(b_, i)
-        if spec.read == "after_write":
-            z = _scale(lam, z) - jnp.einsum("bhti,bhiv->bhtv",
-                                            xs["g"] * jnp.einsum("bhtd,bhid->bhti", b_, inputs[i]), td[i])
-            if spec.momentum:
-                z = z + _scale(xs["f"], jnp.einsum("bhci,bhio->bhco", b_, state.momentum[i]))
-        b_ = act(z) if i < depth - 1 else z
-    o = common.readout(spec, q, b_)
+    carried = lambda x, i: jnp.einsum("bhci,bhio->bhco", x, state.weights[i])
+    if carried_only:
+        matmul = carried
+    else:
+        def matmul(x, i):  # x has C rows, or 2C (the keys, then the queries)
+            rows = jnp.concatenate([r] * (x.shape[-2] // r.shape[-2]), axis=-2)
+            return jnp.where(rows, carried(x, i), jnp.einsum("bhci,hio->bhco", x, w0[i]))
+    # Keys and queries meet the anchor's first layer in one matmul of 2C rows (and one for its
+    # weight gradient in the backward pass).
+    c = xs["k"].shape[-2]
+    z0 = matmul(jnp.concatenate([xs["k"], xs["q"]], axis=-2), 0)
+    inputs, d = _anchor_pass(spec, matmul, xs, z0[..., :c, :])
+    td = tuple(_scale(xs["theta"], x) for x in d)
+    momentum = None
+    if spec.momentum and spec.read == "after_write":
+        momentum = lambda x, i: jnp.einsum("bhci,bhio->bhco", x, state.momentum[i])
+    o = _read(spec, matmul, xs, inputs, td, z0[..., c:, :], momentum)
 
     # The state after the chunk's last token (padded tail tokens are identity steps).
     last = lambda coef, i: jnp.einsum("bhc,bhcd,bhco->bhdo", coef[..., -1, :], inputs[i], td[i])
+    lam = xs["lam_in"]
     m_end, s_end = [], []
     for i in range(depth):
-        m_entry = jnp.where(reach[..., -1, None, None], state.weights[i], w0[i])
+        m_entry = state.weights[i]
+        if not carried_only:
+            m_entry = jnp.where(reach[..., -1, None, None], m_entry, w0[i])
         m = lam[..., -1, None, None] * m_entry - last(xs["g"], i)
         if spec.momentum:
             s0 = state.momentum[i]
