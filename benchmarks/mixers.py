@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from timing import interleaved, ms, print_rows, ratio, table  # noqa: E402  (benchmarks/timing.py; first)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -45,7 +46,6 @@ from flax import nnx  # noqa: E402
 import layers  # noqa: E402,F401  (registers the mixers)
 import models  # noqa: E402
 from layers.registry import LayerContext, build_mixer, mixer_class  # noqa: E402
-from timing import interleaved, ms, print_rows, ratio, table  # noqa: E402  (benchmarks/timing.py)
 from train.config import ModelConfig, RuntimeConfig  # noqa: E402
 from train.metrics import peak_flops  # noqa: E402
 from train.optim import make_optimizer  # noqa: E402

@@ -16,9 +16,13 @@ import statistics
 import time
 from typing import Any, Callable
 
-import jax
+from train.hardware import cpu_info, tune_host_allocator
 
-from train.hardware import cpu_info
+# Benchmarks run with the host allocator the training CLI sets (train/hardware.py), before jax
+# starts its threads: every script imports this module first.
+tune_host_allocator()
+
+import jax  # noqa: E402
 
 
 def median_seconds(fn, args, runs: int) -> float:

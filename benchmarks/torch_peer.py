@@ -41,9 +41,28 @@ import sys
 import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+
+def _tune_host_allocator() -> str:
+    """The host allocator settings of Chimera's side (train/hardware.py `tune_host_allocator`:
+    one glibc arena, no mmap, 2 GiB trim threshold), so that neither side page-faults its freed
+    buffers anew each step while the other reuses them. Before torch starts its threads."""
+    if os.environ.get("CHIMERA_HOST_ALLOCATOR", "") == "default":
+        return "system default"
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        ok = all(libc.mallopt(p, v) == 1 for p, v in ((-8, 1), (-4, 0), (-1, 2 ** 31 - 1)))
+    except (OSError, AttributeError):
+        ok = False
+    return "glibc tuned (as Chimera's)" if ok else "system default (not glibc)"
+
+
+HOST_ALLOCATOR = _tune_host_allocator()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 DEFAULTS = dict(vocab=256, d_model=256, layers=4, heads=4, kv_heads=None, head_dim=None, hidden=None,
                 windows="0", norm_eps=1e-6, rope_theta=1e4, init_std=0.02, batch=8, seq_len=256,
@@ -308,7 +327,7 @@ def main() -> None:
         "attention": "F.scaled_dot_product_attention", "masking": masking,
         "gqa": (cfg["gqa"] if cfg["kv_heads"] != cfg["heads"] else "none (MHA)"),
         "init": "chimera npz" if cfg["init_npz"] else "torch RNG",
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "host_allocator": HOST_ALLOCATOR,
         "optimizer": (f"AdamW lr={cfg['lr']} betas=({cfg['b1']}, {cfg['b2']}) eps={cfg['eps']} "
                       f"wd={cfg['weight_decay']} (matrices only), clip={cfg['grad_clip'] or 'off'}"),
     }

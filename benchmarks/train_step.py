@@ -54,6 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from timing import cpu_model  # noqa: E402  (benchmarks/timing.py; first: it sets the host allocator)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -61,7 +62,6 @@ from flax import nnx  # noqa: E402
 
 import models  # noqa: E402
 from train.config import AttentionConfig, ModelConfig, OptimizerConfig, RuntimeConfig  # noqa: E402
-from timing import cpu_model  # noqa: E402  (benchmarks/timing.py)
 from train.metrics import measure_matmul_peak, peak_flops  # noqa: E402
 from train.optim import make_optimizer  # noqa: E402
 from train.step import init_state, make_train_step  # noqa: E402

@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # before importing jax: argument errors come back at once
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    from train.hardware import tune_host_allocator
+    tune_host_allocator()  # before jax starts its threads (train/hardware.py says why)
     from train.errors import CheckpointError, CheckpointSaveError
     from train.loop import NonFiniteError, run
     try:

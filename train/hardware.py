@@ -134,3 +134,36 @@ def cpu_peak_flops(dtype: str, info: CpuInfo | None = None) -> tuple[float, str]
     return peak, (f"{dtype} hardware peak {peak / 1e9:.0f} GFLOP/s = {info.cores} cores x "
                   f"{info.mhz / 1e3:.2f} GHz ({info.mhz_source}) x {per_cycle} FLOPs/cycle [{how}]; "
                   f"{info.model}")
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+HOST_ALLOCATOR = "system default (tune_host_allocator not called)"
+
+
+def tune_host_allocator() -> str:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS; call it before
+    jax starts its threads. Returns (and stores in HOST_ALLOCATOR) what was done.
+
+    Why: XLA:CPU allocates each execution's temporaries as one block (about 300 MB for a
+    3M-parameter model at B8 x T256) and frees it after the step. glibc serves blocks that large
+    from a fresh mmap (always, from a non-main thread's arena), so every step page-faults all of
+    it anew: 78k minor faults and 0.14-0.18 s of kernel time per step here, 15-20% of the step
+    (benchmarks/README.md). One arena, no mmap and a high trim threshold make the freed block
+    stay mapped and be reused by the next step, as a caching allocator would. The cost: the
+    process keeps its peak heap. Off with CHIMERA_HOST_ALLOCATOR=default; a no-op off glibc.
+    """
+    global HOST_ALLOCATOR
+    if os.environ.get("CHIMERA_HOST_ALLOCATOR", "") == "default":
+        HOST_ALLOCATOR = "system default (CHIMERA_HOST_ALLOCATOR=default)"
+        return HOST_ALLOCATOR
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        ok = all(libc.mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
+                                                       (_M_TRIM_THRESHOLD, 2 ** 31 - 1)))
+    except (OSError, AttributeError):
+        ok = False
+    HOST_ALLOCATOR = ("glibc tuned: one arena, no mmap, trim threshold 2 GiB (freed step buffers are reused, "
+                      "not page-faulted anew)" if ok else "system default (not glibc: mallopt unavailable)")
+    return HOST_ALLOCATOR

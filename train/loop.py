@@ -35,6 +35,7 @@ from train.data import (get_tokenizer, make_eval_batches, make_train_iterator, t
                         unigram_bits_per_byte)
 from train.logger import RunLogger, write_atomic
 from train.mesh import check_batch, create_state, describe as describe_mesh, init_distributed, make_mesh, place_batch
+from train import hardware
 from train.metrics import Throughput, peak_flops
 from train.optim import effective_warmup, learning_rate_schedule, make_optimizer
 from train.run_lock import RunLock
@@ -329,6 +330,7 @@ def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_e
         diagnose = make_diagnostics(graphdef, cfg.model)
     peak, peak_src = peak_flops(models.resolve_dtype(cfg.runtime))
     log.info("MFU peak: %.3g FLOP/s per device (%s)", peak, peak_src)
+    log.info("host allocator: %s", hardware.HOST_ALLOCATOR)
     # Simulated CPU devices share the host's cores: the CPU peak is the whole host's, per process.
     meter = Throughput(flops_total, peak, jax.process_count() if jax.default_backend() == "cpu" else mesh.size)
     logger = None

@@ -38,3 +38,12 @@ def test_no_clock_is_an_error_not_a_guess():
     info = parse_cpuinfo(cpuinfo("GenuineIntel", 6, "avx2", mhz="0"), cpus=2)
     with pytest.raises(RuntimeError, match="CPU peak"):
         cpu_peak_flops("float32", info)
+
+
+def test_host_allocator_is_tuned_or_says_why_not(monkeypatch):
+    from train import hardware
+    monkeypatch.setenv("CHIMERA_HOST_ALLOCATOR", "default")
+    assert hardware.tune_host_allocator() == hardware.HOST_ALLOCATOR
+    assert "CHIMERA_HOST_ALLOCATOR=default" in hardware.HOST_ALLOCATOR
+    monkeypatch.delenv("CHIMERA_HOST_ALLOCATOR")
+    assert hardware.tune_host_allocator().startswith(("glibc tuned", "system default (not glibc"))
