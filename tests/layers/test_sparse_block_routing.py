@@ -296,7 +296,9 @@ def _full_and_decoded(m, x, pos, seg):
     return full, jnp.concatenate(outs, axis=1), cache, m.project(x, pos, seg)[0]
 
 
-@pytest.mark.parametrize("cfg", [MOBA, NSA, pytest.param(NSA_MLP, marks=pytest.mark.slow),
+# nsa in the slow tier (the default tier's time budget): moba covers the shared decode routing.
+@pytest.mark.parametrize("cfg", [MOBA, pytest.param(NSA, marks=pytest.mark.slow),
+                                 pytest.param(NSA_MLP, marks=pytest.mark.slow),
                                  pytest.param(dataclasses.replace(MOBA, key_conv_size=3, num_kv_heads=1),
                                               marks=pytest.mark.slow)],
                          ids=["moba", "nsa", "nsa_mlp", "moba_keyconv"])
