@@ -11,19 +11,24 @@ Mixers (--mixers, comma separated; each is the mixer of a preset, at d_model 256
   gla      configs/gla_hybrid.py's `gla`       gdn     configs/gdn_hybrid.py's `gdn`
   deltanet gdn's settings as kind deltanet     moba    configs/moba_hybrid.py's `moba`
   nsa      configs/nsa_hybrid.py's `nsa`       memory  configs/titans_hybrid.py's `memory`
+  moba_q64, nsa_q64  moba / nsa with per-query-block routing (route_block_q = 64)
 
 Tables (--tables):
   speed    the mixer alone, forward + backward (gradients of its parameters and of x), jitted,
            B8xT256 and B1xT2048, interleaved with attention (A, B, A, B bursts, median of the
            per-burst ratios): ms, GFLOP/s by the mixer's own `flops_per_token`, % of the
            hardware peak (train/hardware.py) and speed per FLOP relative to attention.
+  train    the train step (AdamW, fp32, B8xT256) of a 4-layer model whose every layer is the
+           mixer, all mixers interleaved: tokens/s, % of the hardware peak (MFU), tokens/s and
+           FLOP/s relative to attn's model, compile seconds.
   memory   activation memory per layer: XLA's temp bytes of the compiled train step (AdamW,
            fp32, B1) of a model whose every layer is the mixer, at 2 and 4 layers; the
            difference over 2 is one layer's share (embedding, loss and optimizer cancel).
   compile  seconds to lower + compile the tiny hybrid's train step at --depths layers with
            `model.scan` on (periods stacked and scanned) and off (a loop of layers).
 
-Every table prints the CPU, the load before and after, and the date. No asserts.
+Every table prints the CPU, the load before and after, and the date; with more than one table
+a summary per mixer follows. No asserts.
 """
 from __future__ import annotations
 
@@ -57,8 +62,12 @@ D_MODEL = 256
 SOURCES = {"attn": ("tiny", "attn"), "swa": ("tiny", "swa"), "gla": ("gla_hybrid", "gla"),
            "gdn": ("gdn_hybrid", "gdn"), "deltanet": ("gdn_hybrid", "gdn"),
            "moba": ("moba_hybrid", "moba"), "nsa": ("nsa_hybrid", "nsa"),
+           "moba_q64": ("moba_hybrid", "moba"), "nsa_q64": ("nsa_hybrid", "nsa"),
            "memory": ("titans_hybrid", "memory")}
-TABLES = ("speed", "memory", "compile")
+# Variants: (the preset mixer's fields replaced). *_q64: per-query-block routing, 64 queries
+# share a choice (route_block_q; token routing is the faithful default).
+VARIANTS = {"moba_q64": {"route_block_q": 64}, "nsa_q64": {"route_block_q": 64}}
+TABLES = ("speed", "train", "memory", "compile")
 
 
 def mixer_config(name: str):
@@ -68,7 +77,7 @@ def mixer_config(name: str):
         from layers.linear_attention.deltanet import DeltaNetConfig
         fields = {f.name for f in dataclasses.fields(DeltaNetConfig)}
         cfg = DeltaNetConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields and k != "kind"})
-    return cfg
+    return dataclasses.replace(cfg, **VARIANTS.get(name, {}))
 
 
 def speed_table(args) -> None:
@@ -96,20 +105,57 @@ def speed_table(args) -> None:
             times = interleaved(calls, args.bursts, args.calls)
             for name in calls:
                 gflops = b * t * flops[name] / (ms(times, name) / 1e3) / 1e9
+                args.summary.setdefault(name, {})[f"per FLOP / attn B{b}xT{t}"] = \
+                    f"{ratio(times, 'attn', name, flops[name] / flops['attn']):.2f}"
                 body.append([f"B{b}xT{t}", name, f"{flops[name] / 1e6:.2f}", f"{ms(times, name):.1f}",
                              f"{gflops:.1f}", f"{gflops * 1e9 / peak:.0%}",
                              f"{ratio(times, 'attn', name, flops[name] / flops['attn']):.2f}"])
         print_rows(["shape", "mixer", "MFLOP/token", "ms", "GFLOP/s", "% of peak", "per FLOP / attn"], body)
 
 
-def _train_step(mc: ModelConfig, b: int, t: int, runtime: RuntimeConfig | None = None):
-    """(the jitted train step lowered for B x T, its state, its batch) for `mc`."""
+def train_table(args) -> None:
+    b, t, layers_ = 8, 256, 4
+    peak, how = peak_flops(F32)
+    with table(f"train: train step of {layers_}-layer single-mixer models, B{b}xT{t}, fp32, AdamW, d={D_MODEL}",
+               args.bursts, args.calls):
+        print(f"peak: {how}")
+        calls, flops, compile_s = {}, {}, {}
+        for name in ["attn"] + [m for m in args.mixers if m != "attn"]:
+            mc = _pure(name, layers_)
+            lowered, state, batch = _train_step(mc, b, t, with_inputs=True)
+            t0 = time.perf_counter()
+            compiled = lowered.compile()
+            compile_s[name] = time.perf_counter() - t0
+            holder = {"state": state}
+
+            def call(compiled=compiled, holder=holder, batch=batch):
+                holder["state"], metrics = compiled(holder["state"], batch)
+                return metrics
+            calls[name] = call
+            flops[name] = sum(models.flops_per_token(mc, t).values())
+        times = interleaved(calls, args.bursts, args.calls)
+        body = []
+        for name in calls:
+            tps = b * t / (ms(times, name) / 1e3)
+            row = {"tok/s": f"{tps:.0f}", "MFU (hw)": f"{tps * flops[name] / peak:.0%}",
+                   "tok/s / attn": f"{ratio(times, 'attn', name):.2f}",
+                   "FLOP/s / attn": f"{ratio(times, 'attn', name, flops[name] / flops['attn']):.2f}",
+                   "compile s": f"{compile_s[name]:.1f}"}
+            args.summary.setdefault(name, {}).update({f"train {k}": v for k, v in row.items()})
+            body.append([name, f"{flops[name] / 1e6:.1f}"] + list(row.values()))
+        print_rows(["mixer", "MFLOP/token"] + list(row), body)
+
+
+def _train_step(mc: ModelConfig, b: int, t: int, runtime: RuntimeConfig | None = None,
+                with_inputs: bool = False):
+    """The jitted train step lowered for B x T for `mc` (with its state and batch if asked)."""
     model = models.build(mc, runtime or RuntimeConfig(), seed=0)
-    tx, schedule = make_optimizer(OPTIMIZER, 10)
+    tx, schedule = make_optimizer(OPTIMIZER, 1000)
     graphdef, state = init_state(model, tx, 0)
     step = make_train_step(graphdef, tx, schedule, z_loss=mc.z_loss)
     batch = make_batch(b, t, 0)
-    return step.lower(state, batch)
+    lowered = step.lower(state, batch)
+    return (lowered, state, batch) if with_inputs else lowered
 
 
 def _pure(name: str, layers_: int) -> ModelConfig:
@@ -130,29 +176,73 @@ def memory_table(args) -> None:
                     stats = _train_step(_pure(name, n), 1, t).compile().memory_analysis()
                     temp[n] = stats.temp_size_in_bytes
                 cells.append(f"{(temp[4] - temp[2]) / 2 / mib:.0f}")
+                args.summary.setdefault(name, {})[f"MiB/layer T={t}"] = cells[-1]
             body.append(cells)
             print(f"  {name}: " + " ".join(cells[1:]) + " MiB", flush=True)
         print_rows(["mixer"] + [f"T={t} MiB/layer" for t in args.lengths], body)
 
 
-def compile_table(args) -> None:
+def compile_table(args, repeats: int = 3) -> None:
+    """Build, lower and compile seconds of the tiny hybrid's train step, `model.scan` on and off.
+
+    Each (depth, scan) is measured `repeats` times, the two modes alternating first and second,
+    after a warm-up compile (imports and one-time caches do not land on the first row). Columns:
+      build s      models.build + optimizer init, the first time that shape is built in this
+                   process (the scanned stack's `nnx.vmap` init runs op by op, and each new
+                   number of periods compiles its ops again; later builds hit the cache)
+      lower s      tracing + lowering the jitted step to StableHLO (fastest of the repeats)
+      compile s    XLA compile of the lowered step: fastest and median of the repeats, and the
+                   process CPU seconds of the fastest (all compiler threads; less sensitive to
+                   other load on a shared machine than wall time)
+      HLO instrs   instructions of the optimized module, fused computations included, and its
+                   while loops (with scan on: the period loop forward and backward, plus the
+                   attention kernels' own loops, each compiled once however deep the model)
+    """
+    import re
+    import statistics
+
     from configs.tiny import config
     base = dataclasses.replace(config().model, vocab_size=VOCAB)
-    with table("compile: lower + compile seconds of the tiny hybrid's train step, B8xT256",
-               args.bursts, args.calls):
+    batch = make_batch(8, 256, 0)
+
+    def measure(mc: ModelConfig) -> dict:
+        t0 = time.perf_counter()
+        model = models.build(mc, RuntimeConfig(), seed=0)
+        tx, schedule = make_optimizer(OPTIMIZER, 1000)
+        graphdef, state = init_state(model, tx, 0)
+        jax.block_until_ready(state)
+        t1 = time.perf_counter()
+        lowered = make_train_step(graphdef, tx, schedule, z_loss=mc.z_loss).lower(state, batch)
+        t2 = time.perf_counter()
+        c0 = time.process_time()
+        compiled = lowered.compile()
+        t3, c3 = time.perf_counter(), time.process_time()
+        return {"build": t1 - t0, "lower": t2 - t1, "compile": t3 - t2, "cpu": c3 - c0, "compiled": compiled}
+
+    def count(compiled) -> tuple[int, int]:
+        text = compiled.as_text()
+        return (len(re.findall(r"^\s+(?:ROOT )?%\S+ = ", text, re.M)), len(re.findall(r"\bwhile\(", text)))
+
+    measure(dataclasses.replace(base, num_layers=len(base.pattern), scan=False))  # warm-up
+    with table(f"compile: build, lower and compile seconds of the tiny hybrid's train step, B8xT256, "
+               f"min of {repeats} (modes alternating)", args.bursts, args.calls):
         body = []
         for depth in args.depths:
-            cells = [str(depth)]
+            runs: dict[bool, list[dict]] = {True: [], False: []}
+            for r in range(repeats):
+                for scan in ((True, False) if r % 2 == 0 else (False, True)):
+                    runs[scan].append(measure(dataclasses.replace(base, num_layers=depth, scan=scan)))
             for scan in (True, False):
-                mc = dataclasses.replace(base, num_layers=depth, scan=scan)
-                t0 = time.perf_counter()
-                lowered = _train_step(mc, 8, 256)
-                lower_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                lowered.compile()
-                cells += [f"{lower_s:.1f}", f"{time.perf_counter() - t0:.1f}"]
-            body.append(cells)
-        print_rows(["layers", "scan: lower s", "scan: compile s", "loop: lower s", "loop: compile s"], body)
+                rs = runs[scan]
+                best = min(rs, key=lambda m: m["compile"])
+                instrs, whiles = count(best["compiled"])
+                body.append([str(depth), "on" if scan else "off", f"{rs[0]['build']:.2f}",
+                             f"{min(m['lower'] for m in rs):.2f}", f"{best['compile']:.2f}",
+                             f"{statistics.median(m['compile'] for m in rs):.2f}", f"{best['cpu']:.2f}",
+                             str(instrs), str(whiles)])
+                print("  " + " ".join(body[-1]), flush=True)
+        print_rows(["layers", "scan", "build s", "lower s", "compile s", "compile s (median)",
+                    "compile CPU s", "HLO instrs", "while loops"], body)
 
 
 def main() -> None:
@@ -172,8 +262,14 @@ def main() -> None:
         for name in chosen:
             if name not in known:
                 raise SystemExit(f"{what}: unknown {name!r}; known: {list(known)}")
-    for name in args.tables.split(","):
+    args.summary = {}
+    chosen = args.tables.split(",")
+    for name in chosen:
         globals()[f"{name}_table"](args)
+    if len([c for c in chosen if c != "compile"]) > 1:
+        cols = list(dict.fromkeys(k for row in args.summary.values() for k in row))
+        print("\n## summary per mixer (the tables above)")
+        print_rows(["mixer"] + cols, [[m] + [row.get(c, "-") for c in cols] for m, row in args.summary.items()])
 
 
 if __name__ == "__main__":
