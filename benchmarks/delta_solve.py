@@ -48,20 +48,18 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 from jax import lax  # noqa: E402
 
 import layers  # noqa: E402,F401  (registers the mixers)
 import models  # noqa: E402
 from layers.linear_attention.common import chunk_flops, delta_chunk_flops  # noqa: E402
-from layers.registry import LayerContext, build_mixer, mixer_class  # noqa: E402
 from linear_attention import _functions, _inputs  # noqa: E402  (benchmarks/linear_attention.py)
 from pallas_kernels.delta_rule import xla as delta_xla  # noqa: E402
-from train.config import RuntimeConfig  # noqa: E402
 from train.optim import make_optimizer  # noqa: E402
 from train.step import init_state, make_train_step  # noqa: E402
 from train_step import OPTIMIZER, VOCAB, make_batch  # noqa: E402  (benchmarks/train_step.py)
 from timing import cpu_model, interleaved, ms, print_rows, ratio, table  # noqa: E402  (benchmarks/timing.py)
+from mixers import mixer_grad  # noqa: E402  (benchmarks/mixers.py)
 
 F32 = jnp.float32
 TABLES = ("inverse", "op", "ref", "mixer", "train")
@@ -202,22 +200,10 @@ def mixer_table(args) -> None:
     with _table(f"mixer: fwd+bwd (grads of params and x) per FLOP, relative to gla, d={d}", args):
         body = []
         for b, t in ((8, 256), (1, 2048)):
-            ctx = LayerContext(d_model=d, dtype=F32, runtime=RuntimeConfig(), init_std=0.02, out_std=0.02)
-            x = jnp.asarray(np.random.default_rng(0).normal(size=(b, t, d)), F32)
-            pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            seg = jnp.ones((b, t), jnp.int32)
             calls, flops = {}, {}
             for name, (cfg, old) in variants.items():
-                graphdef, state = nnx.split(build_mixer(cfg, ctx, rngs=nnx.Rngs(params=0)))
-
-                def loss(state, x, graphdef=graphdef):
-                    y, _ = nnx.merge(graphdef, state)(x, positions=pos, segment_ids=seg)
-                    return jnp.sum(y * y)
-
                 with old_solve(old):
-                    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile()
-                calls[name] = lambda c=compiled, s=state: c(s, x)
-                flops[name] = mixer_class(cfg).flops_per_token(cfg, d, t)
+                    calls[name], flops[name] = mixer_grad(cfg, b, t, d)
             times = interleaved(calls, args.bursts, args.calls)
             for name in variants:
                 per_flop = ratio(times, "gla", name, flops[name] / flops["gla"])

@@ -80,28 +80,32 @@ def mixer_config(name: str):
     return dataclasses.replace(cfg, **VARIANTS.get(name, {}))
 
 
+def mixer_grad(cfg, b: int, t: int, d: int = D_MODEL):
+    """(a call of the compiled fwd+bwd of mixer `cfg` alone, gradients of its parameters and of
+    x [B, T, d], one document per row; the mixer's training FLOPs per token)."""
+    ctx = LayerContext(d_model=d, dtype=F32, runtime=RuntimeConfig(), init_std=0.02, out_std=0.02)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(b, t, d)), F32)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    seg = jnp.ones((b, t), jnp.int32)
+    graphdef, state = nnx.split(build_mixer(cfg, ctx, rngs=nnx.Rngs(params=0)))
+
+    def loss(state, x):
+        y, _ = nnx.merge(graphdef, state)(x, positions=pos, segment_ids=seg)
+        return jnp.sum(y * y)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile()
+    return (lambda: compiled(state, x)), mixer_class(cfg).flops_per_token(cfg, d, t)
+
+
 def speed_table(args) -> None:
     peak, how = peak_flops(F32)
     with table(f"speed: mixer fwd+bwd alone, d={D_MODEL}, relative to attn", args.bursts, args.calls):
         print(f"peak: {how}")
         body = []
         for b, t in ((8, 256), (1, 2048)):
-            ctx = LayerContext(d_model=D_MODEL, dtype=F32, runtime=RuntimeConfig(), init_std=0.02, out_std=0.02)
-            x = jnp.asarray(np.random.default_rng(0).normal(size=(b, t, D_MODEL)), F32)
-            pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            seg = jnp.ones((b, t), jnp.int32)
             calls, flops = {}, {}
             for name in ["attn"] + [m for m in args.mixers if m != "attn"]:
-                cfg = mixer_config(name)
-                graphdef, state = nnx.split(build_mixer(cfg, ctx, rngs=nnx.Rngs(params=0)))
-
-                def loss(state, x, graphdef=graphdef):
-                    y, _ = nnx.merge(graphdef, state)(x, positions=pos, segment_ids=seg)
-                    return jnp.sum(y * y)
-
-                compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile()
-                calls[name] = lambda c=compiled, s=state: c(s, x)
-                flops[name] = mixer_class(cfg).flops_per_token(cfg, D_MODEL, t)
+                calls[name], flops[name] = mixer_grad(mixer_config(name), b, t)
             times = interleaved(calls, args.bursts, args.calls)
             for name in calls:
                 gflops = b * t * flops[name] / (ms(times, name) / 1e3) / 1e9
