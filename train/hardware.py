@@ -12,6 +12,7 @@ optimisation manuals; the table is `_fp32_per_cycle`):
 
     Intel, AVX-512:     2 x 512-bit FMA pipes -> 2 x 16 x 2 = 64 fp32 FLOPs/cycle
                         (Xeon Gold / Platinum and later; some Silver / Bronze parts have one)
+    AMD Zen 1 (fam 23, model < 0x30): 2 x 128-bit pipes -> 16
     AMD Zen 2-4:        2 x 256-bit pipes (Zen 4 runs AVX-512 on them in two halves) -> 32
     AMD Zen 5 (fam 26): 2 x 512-bit pipes -> 64
     any other AVX2+FMA: 2 x 256-bit -> 32;  SSE only: 2 x 128-bit multiply + add -> 8
@@ -37,7 +38,8 @@ from pathlib import Path
 class CpuInfo:
     model: str          # "AMD EPYC 9B14", "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
     vendor: str         # "AuthenticAMD", "GenuineIntel", ""
-    family: int         # the x86 family (AMD 25 = Zen 3/4, 26 = Zen 5); 0 if unknown
+    family: int         # the x86 family (AMD 23 = Zen 1/2, 25 = Zen 3/4, 26 = Zen 5); 0 if unknown
+    model_number: int   # the x86 model within the family; 0 if unknown
     flags: frozenset    # cpuinfo flags
     cpus: int           # logical CPUs this process may run on
     threads_per_core: int
@@ -57,7 +59,8 @@ class CpuInfo:
         return ", ".join(out)
 
     def describe(self) -> str:
-        return (f"{self.model} ({self.isa}; {self.cpus} CPUs, {self.cores} cores; "
+        fam = f"family {self.family} model {self.model_number}; " if self.family else ""
+        return (f"{self.model} ({fam}{self.isa}; {self.cpus} CPUs, {self.cores} cores; "
                 f"{self.mhz / 1e3:.2f} GHz {self.mhz_source})")
 
 
@@ -80,6 +83,7 @@ def parse_cpuinfo(cpuinfo: str, cpus: int, lscpu: str = "") -> CpuInfo:
         mhz, src = float(_field(cpuinfo, "cpu MHz") or 0.0), "cpuinfo"
     return CpuInfo(model=_field(cpuinfo, "model name") or platform.processor() or platform.machine(),
                    vendor=_field(cpuinfo, "vendor_id") or "", family=int(_field(cpuinfo, "cpu family") or 0),
+                   model_number=int(_field(cpuinfo, "model") or 0),
                    flags=flags, cpus=cpus, threads_per_core=int(tpc or 1), mhz=mhz, mhz_source=src)
 
 
@@ -102,6 +106,8 @@ def _fp32_per_cycle(info: CpuInfo) -> tuple[int, str]:
     f = info.flags
     if info.vendor == "AuthenticAMD" and info.family >= 26 and "avx512f" in f:
         return 64, "2 x 512-bit FMA pipes (AMD Zen 5)"
+    if info.vendor == "AuthenticAMD" and info.family == 23 and info.model_number < 0x30:
+        return 16, "2 x 128-bit FMA pipes (AMD Zen 1)"
     if info.vendor == "AuthenticAMD" and ("avx2" in f or "avx512f" in f):
         return 32, "2 x 256-bit FMA pipes (AMD Zen 2-4; AVX-512 runs in two halves)"
     if "avx512f" in f:

@@ -4,12 +4,13 @@ import pytest
 from train.hardware import cpu_peak_flops, parse_cpuinfo
 
 
-def cpuinfo(vendor, family, flags, mhz="2600.000", siblings=2, cores=2, model="X"):
-    return (f"vendor_id\t: {vendor}\ncpu family\t: {family}\nmodel name\t: {model}\n"
+def cpuinfo(vendor, family, flags, mhz="2600.000", siblings=2, cores=2, model="X", number=49):
+    return (f"vendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {number}\nmodel name\t: {model}\n"
             f"cpu MHz\t\t: {mhz}\nsiblings\t: {siblings}\ncpu cores\t: {cores}\nflags\t\t: {flags}\n")
 
 
 @pytest.mark.parametrize("vendor,family,flags,dtype,per_cycle", [
+    ("AuthenticAMD", 23, "fma avx2", "float32", 32),                       # Zen 2 (model 49)
     ("AuthenticAMD", 25, "fma avx2", "float32", 32),                       # Zen 3
     ("AuthenticAMD", 25, "fma avx2 avx512f avx512_bf16", "float32", 32),   # Zen 4: 2 x 256-bit
     ("AuthenticAMD", 25, "fma avx2 avx512f avx512_bf16", "bfloat16", 64),
@@ -24,6 +25,11 @@ def test_peak_is_cores_times_clock_times_width(vendor, family, flags, dtype, per
     peak, how = cpu_peak_flops(dtype, info)
     assert peak == pytest.approx(2 * 2.6e9 * per_cycle)
     assert f"{per_cycle} FLOPs/cycle" in how and "2 cores" in how
+
+
+def test_zen1_has_128_bit_pipes():
+    info = parse_cpuinfo(cpuinfo("AuthenticAMD", 23, "fma avx2", number=1), cpus=2)
+    assert cpu_peak_flops("float32", info)[0] == pytest.approx(2 * 2.6e9 * 16)
 
 
 def test_smt_threads_share_a_core_and_lscpu_max_clock_wins():
