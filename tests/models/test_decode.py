@@ -123,7 +123,13 @@ def test_every_registered_mixer_has_a_case():
     assert not missing, f"add a decode case to CASES for: {sorted(c.kind for c in missing)}"
 
 
-@pytest.mark.parametrize("name", list(CASES) + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW_CASES])
+# memory_family (30 s) runs in the slow tier: the default tier keeps the Titans decode checks of
+# tests/models/test_titans.py and tests/layers/test_memory_mixer.py (its time budget).
+_SLOW_NAMES = set(SLOW_CASES) | {"memory_family"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_NAMES else n
+                                  for n in {**CASES, **SLOW_CASES}])
 def test_prefill_then_steps_equal_full_forward(name):
     model = models.build({**CASES, **SLOW_CASES}[name], RT, seed=1)
     full, got = _full_and_decoded(model, *_inputs(), STEPS)
