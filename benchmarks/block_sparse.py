@@ -46,15 +46,13 @@ import statistics
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-import layers  # noqa: F401  (registers the mixers)
-from layers.registry import LayerContext, build_mixer, mixer_class
 from pallas_kernels.block_sparse_attention import layout as layout_lib
 from pallas_kernels.block_sparse_attention import masks
 from pallas_kernels.block_sparse_attention.api import block_sparse_attention
+from mixers import mixer_grad  # benchmarks/mixers.py
 from timing import interleaved, median_seconds, ms, print_rows, ratio, table  # benchmarks/timing.py
-from train.config import AttentionConfig, RuntimeConfig
+from train.config import AttentionConfig
 from train.sparse_attention_config import MoBAConfig, NSAConfig
 
 
@@ -179,19 +177,6 @@ def length_table(impl: str, shape, lengths, block: int, window: int, topk: int, 
                   f"f+b x{per[1]:.2f}, blocks x{per[2]:.2f}")
 
 
-def _mixer_call(cfg, d: int, x, pos, seg):
-    """A compiled fwd+bwd of one mixer (grads of params and x of sum(y * y)) as a thunk."""
-    ctx = LayerContext(d_model=d, dtype=jnp.float32, runtime=RuntimeConfig(), init_std=0.02, out_std=0.02)
-    graphdef, state = nnx.split(build_mixer(cfg, ctx, rngs=nnx.Rngs(params=0)))
-
-    def loss(state, x):
-        y, _ = nnx.merge(graphdef, state)(x, positions=pos, segment_ids=seg)
-        return jnp.sum(y * y)
-
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile()
-    return lambda: compiled(state, x)
-
-
 def mixer_table(shapes, route_blocks, bursts: int, calls: int) -> None:
     d, heads = 256, 4
     variants = {"attn": AttentionConfig(num_heads=heads)}
@@ -203,11 +188,9 @@ def mixer_table(shapes, route_blocks, bursts: int, calls: int) -> None:
     with table(title, bursts, calls):
         body = []
         for b, t in shapes:
-            x = jnp.asarray(np.random.default_rng(0).normal(size=(b, t, d)), jnp.float32)
-            pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            seg = jnp.ones((b, t), jnp.int32)
-            thunks = {name: _mixer_call(cfg, d, x, pos, seg) for name, cfg in variants.items()}
-            flops = {name: mixer_class(cfg).flops_per_token(cfg, d, t) for name, cfg in variants.items()}
+            thunks, flops = {}, {}
+            for name, cfg in variants.items():
+                thunks[name], flops[name] = mixer_grad(cfg, b, t, d)
             times = interleaved(thunks, bursts, calls)
             for name in variants:
                 kind = name.split()[0]

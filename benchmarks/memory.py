@@ -255,41 +255,6 @@ def op_implementation(fn):
         dispatch.register(api.OP, "xla", saved)
 
 
-def machine() -> str:
-    """The CPU model from lscpu (else /proc/cpuinfo) and the CPU count."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.SubprocessError, StopIteration):
-        name = "unknown CPU"
-    return f"{name}, {os.cpu_count()} CPUs"
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def mixer_call(cfg, d, b, t):
-    """(call, flops_per_token): the mixer's fwd+bwd (grads of params and x) of sum(y^2), compiled."""
-    from layers.registry import LayerContext, build_mixer, mixer_class
-    from train.config import RuntimeConfig
-    ctx = LayerContext(d_model=d, dtype=jnp.float32, runtime=RuntimeConfig(), init_std=0.02, out_std=0.02)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(b, t, d)), jnp.float32)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    seg = jnp.ones((b, t), jnp.int32)
-    graphdef, state = nnx.split(build_mixer(cfg, ctx, rngs=nnx.Rngs(params=0)))
-
-    def loss(state, x):
-        y, _ = nnx.merge(graphdef, state)(x, positions=pos, segment_ids=seg)
-        return jnp.sum(y * y)
-
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile()
-    return (lambda: compiled(state, x)), mixer_class(cfg).flops_per_token(cfg, d, t)
-
-
 def op_call(module, spec, b, t, h, dh):
     """The op's fwd+bwd (grads of q, k, v, gates, W0) through `module`'s neural_memory, the
     mixer's segment_ids (all ones), compiled."""
@@ -304,24 +269,25 @@ def op_call(module, spec, b, t, h, dh):
 
 
 def table_d(args):
-    from delta_solve import interleaved, print_rows, ratio  # noqa: E402  (benchmarks/delta_solve.py)
+    from mixers import mixer_grad  # benchmarks/mixers.py
+    from timing import cpu_model, interleaved, load, print_rows, ratio
     from train.config import AttentionConfig
     from train.memory_config import MemoryConfig
     d, heads = 256, 4
     memory, attn = MemoryConfig(num_heads=heads), AttentionConfig(num_heads=heads)
     old = old_xla()
     print(f"\n(d) memory mixer per FLOP vs full attention, d={d}, {heads} heads of {d // heads}, fwd+bwd (grads "
-          f"of params and x), float32; {args.bursts} bursts x {args.calls} calls\n    {machine()}; jax "
-          f"{jax.__version__}\n    before: {uptime()}", flush=True)
+          f"of params and x), float32; {args.bursts} bursts x {args.calls} calls\n    {cpu_model()}; jax "
+          f"{jax.__version__}\n    before: {load()}", flush=True)
     body = []
     for b, t in ((8, 256), (1, 2048)):
         calls, flops = {}, {}
-        calls["attn"], flops["attn"] = mixer_call(attn, d, b, t)
-        calls["memory"], flops["memory"] = mixer_call(memory, d, b, t)
+        calls["attn"], flops["attn"] = mixer_grad(attn, b, t, d)
+        calls["memory"], flops["memory"] = mixer_grad(memory, b, t, d)
         calls["op"] = op_call(xla, memory.spec(), b, t, heads, d // heads)
         if old is not None:
             with op_implementation(old.neural_memory):
-                calls["memory old op"], flops["memory old op"] = mixer_call(memory, d, b, t)
+                calls["memory old op"], flops["memory old op"] = mixer_grad(memory, b, t, d)
             calls["op old"] = op_call(old, memory.spec(), b, t, heads, d // heads)
         times = interleaved(calls, args.bursts, args.calls)
         med = lambda n: 1e3 * statistics.median(times[n])
@@ -337,7 +303,7 @@ def table_d(args):
         if "op old" in times:
             body.append([f"B{b}xT{t}", "op old (xla)", "", f"{med('op old'):.1f}", "", "", "1.00"])
     print_rows(["shape", "run", "MFLOP/token", "ms", "GFLOP/s", "GFLOP/s / attn", "op old / op"], body)
-    print(f"    after: {uptime()}")
+    print(f"    after: {load()}")
     print(f"    'memory old op': the same mixer with the op of {OLD_COMMIT[:7]}; 'op': the op alone on the "
           f"mixer's q/k/v/gate shapes (MemorySpec defaults, segment_ids all ones).")
 

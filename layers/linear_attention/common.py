@@ -200,7 +200,6 @@ def training_flops(d_model: int, proj_out: int, proj_in: int, op: float, conv: f
 
 # ----------------------------------------------------------------------------- the base class
 
-TRAIN_REMAT = True  # see LinearAttentionMixer.__call__ (benchmarks switch it off to compare)
 OP_OUTPUT = "linear_op_output"  # saved so that the recomputation need not run the op again
 _SAVE_DOTS_AND_STATES = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -263,13 +262,13 @@ class LinearAttentionMixer(nnx.Module):
     def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array, cache=None):
         """x [B, T, d]; positions, segment_ids [B, T] int32 -> (y [B, T, d], cache).
 
-        Training (no cache) runs under `TRAIN_REMAT`: the backward pass keeps the outputs of the
+        Training (no cache) runs rematerialised: the backward pass keeps the outputs of the
         projections (matmuls without batch dims) and the op's per-chunk states, and recomputes
         the elementwise work between them (conv, activations, norms, gates, casts); the op's
         output is kept too, so only the op's own backward recomputes its intra-chunk part:
         cheap, memory-bound work, where keeping it cost a linear layer more
         activation memory than a full-attention layer (benchmarks/mixers.py --tables memory)."""
-        if cache is None and TRAIN_REMAT:
+        if cache is None:
             run = lambda m, x: m._apply(x, positions, segment_ids, None)
             return nnx.remat(run, policy=_SAVE_DOTS_AND_STATES)(self, x)
         return self._apply(x, positions, segment_ids, cache)
