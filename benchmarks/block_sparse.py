@@ -53,7 +53,7 @@ from pallas_kernels.block_sparse_attention.api import block_sparse_attention
 from mixers import mixer_grad  # benchmarks/mixers.py
 from timing import interleaved, median_seconds, ms, print_rows, ratio, table  # benchmarks/timing.py
 from train.config import AttentionConfig
-from train.sparse_attention_config import MoBAConfig, NSAConfig
+from layers.sparse_attention.config import MoBAConfig, NSAConfig
 
 
 def _functions(impl: str):

@@ -50,7 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-import layers  # noqa: E402,F401  (registers the mixers)
+import layers.catalog  # noqa: E402,F401  (registers the mixers)
 import models  # noqa: E402
 from layers.linear_attention.common import chunk_flops, delta_chunk_flops  # noqa: E402
 from linear_attention import _functions, _inputs  # noqa: E402  (benchmarks/linear_attention.py)

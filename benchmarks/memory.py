@@ -158,7 +158,7 @@ def jax_mixer_seconds(dim, heads, dim_head, chunk, b, t, runs) -> tuple[float, i
     """The memory mixer at titans-pytorch's sizes: forward+backward (params and x) of sum(y)."""
     from layers.registry import LayerContext, build_mixer
     from train.config import RuntimeConfig
-    from train.memory_config import MemoryConfig
+    from layers.memory.config import MemoryConfig
     cfg = MemoryConfig(num_heads=heads, head_dim=dim_head, arch="mlp", depth=2, expansion=4,
                        residual=True, layernorm=True, chunk_size=chunk, conv_size=0,
                        output_gate="sigmoid")
@@ -272,7 +272,7 @@ def table_d(args):
     from mixers import mixer_grad  # benchmarks/mixers.py
     from timing import cpu_model, interleaved, load, print_rows, ratio
     from train.config import AttentionConfig
-    from train.memory_config import MemoryConfig
+    from layers.memory.config import MemoryConfig
     d, heads = 256, 4
     memory, attn = MemoryConfig(num_heads=heads), AttentionConfig(num_heads=heads)
     old = old_xla()

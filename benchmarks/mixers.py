@@ -48,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import layers  # noqa: E402,F401  (registers the mixers)
+import layers.catalog  # noqa: E402,F401  (registers the mixers)
 import models  # noqa: E402
 from layers.registry import LayerContext, build_mixer, mixer_class  # noqa: E402
 from train.config import ModelConfig, RuntimeConfig  # noqa: E402

@@ -1,6 +1,6 @@
 """The CPU-small language model that the Titans / Miras / TTT presets share: four layers of one
-mixer (the `memory` mixer, train/memory_config.py, or a Titans architecture,
-train/titans_config.py), each followed by SwiGLU, d_model 128, byte-level on the Python standard
+mixer (the `memory` mixer, layers/memory/config.py, or a Titans architecture,
+models/titans/config.py), each followed by SwiGLU, d_model 128, byte-level on the Python standard
 library's own source, in the shape of `tiny` and `titans_hybrid`. Each preset only states its
 mixer; sizes are shrunk to train on a 2-core CPU, so none is a paper reproduction.
 """

@@ -5,7 +5,7 @@ mirrors except for its three Gated DeltaNet layers (paper defaults: short conv 4
 q/k, Mamba2 decay, value heads twice as wide as key heads (K = 32, V = 64: powers of two, as the
 Pallas GPU kernels need), gated RMSNorm)."""
 from train.config import AttentionConfig, Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
-from train.linear_attention_config import GDNConfig
+from layers.linear_attention.config import GDNConfig
 
 
 def config() -> Config:

@@ -3,7 +3,7 @@ linear-attention study recommends (ratios 3:1 to 6:1), on the Python standard li
 source, byte-level; trains on a 2-core CPU in minutes, like `tiny`, which it mirrors except for
 its three GLA layers (paper defaults: key width d/2, rank-16 gate, 1/16 gate temperature)."""
 from train.config import AttentionConfig, Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
-from train.linear_attention_config import GLAConfig
+from layers.linear_attention.config import GLAConfig
 
 
 def config() -> Config:

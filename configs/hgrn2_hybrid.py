@@ -6,7 +6,7 @@ standard library's own source, byte-level; trains on a 2-core CPU in minutes, li
 compare at equal state; forget-gate lower bound 0 (the paper learns per-layer bounds that rise
 with depth; `model.mixers.hgrn2.lower_bound` sets a fixed one)."""
 from train.config import AttentionConfig, Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
-from train.linear_attention_config import HGRN2Config
+from layers.linear_attention.config import HGRN2Config
 
 
 def config() -> Config:

@@ -7,7 +7,7 @@ makes it exact only on each chunk's first token. The decay starts near 1e-3 (dec
 and the LayerNorm readout divides by ~sqrt(eps) (see configs/yaad.py). CPU-small
 (configs/_memory_lm.py)."""
 from configs._memory_lm import memory_lm
-from train.memory_config import MemoryConfig
+from layers.memory.config import MemoryConfig
 
 
 def config():

@@ -5,7 +5,7 @@ convolution; blocks of 32 so that a 256-token row has 8 blocks and top-3 reads a
 history; the paper's blocks are 512-4096 at 8K-1M tokens). `--set
 model.mixers.moba.key_conv_size=3` adds FlashMoBA's key convolution."""
 from train.config import AttentionConfig, Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
-from train.sparse_attention_config import MoBAConfig
+from layers.sparse_attention.config import MoBAConfig
 
 
 def config() -> Config:

@@ -4,7 +4,7 @@ state A, weights A / ||A||_q^(q-2)), plain GD. Departures: per-head (not channel
 gates; the l_q map is applied at every token, where the paper applies it at chunk ends only.
 CPU-small (configs/_memory_lm.py)."""
 from configs._memory_lm import memory_lm
-from train.memory_config import MemoryConfig
+from layers.memory.config import MemoryConfig
 
 
 def config():

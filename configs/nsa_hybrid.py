@@ -6,7 +6,7 @@ sliding-window branches with sigmoid gates; GQA with 2 kv heads, so each selecti
 previous and first block are forced in, one chosen; paper: 16 blocks of 64), window 64 (paper
 512)."""
 from train.config import AttentionConfig, Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
-from train.sparse_attention_config import NSAConfig
+from layers.sparse_attention.config import NSAConfig
 
 
 def config() -> Config:

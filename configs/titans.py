@@ -2,7 +2,7 @@
 memory of depth 2 (expansion 4, GELU) per head, l2 attentional bias, per-token weight decay and
 momentum, gradient anchor b = 16, read after write, per-token gates. CPU-small (configs/_memory_lm.py)."""
 from configs._memory_lm import memory_lm
-from train.memory_config import MemoryConfig
+from layers.memory.config import MemoryConfig
 
 
 def config():

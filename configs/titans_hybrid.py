@@ -2,7 +2,7 @@
 standard library's own source, byte-level, in the shape of `tiny` and `gdn_hybrid`.
 
 The memory layers are the mixer's defaults, i.e. Titans' LMM (layers/memory/mixer.py,
-train/memory_config.py): an MLP memory of depth 2 and expansion 4 (GELU) per head, l2
+layers/memory/config.py): an MLP memory of depth 2 and expansion 4 (GELU) per head, l2
 attentional bias, per-token decay and momentum, gradient anchor b = 16, read after write, short
 conv 4 + SiLU on q/k/v, L2-normalised q/k, outer-learned W0, per-head RMSNorm and swish output
 gate. Four heads of 32 (memory per head: 32 x 128 + 128 x 32 weights). The attention layer is
@@ -11,7 +11,7 @@ paper reproduction: sizes are shrunk to train on a 2-core CPU, where a step take
 tokens/s, 2026-11-23), so the 400 steps take ~15 min (loss 2.5 after 30 steps at lr 3e-3).
 """
 from train.config import AttentionConfig, Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
-from train.memory_config import MemoryConfig
+from layers.memory.config import MemoryConfig
 
 
 def config() -> Config:

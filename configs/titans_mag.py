@@ -1,7 +1,7 @@
 """Titans MAG (memory as gate) in every layer, CPU-small (d_model 128, 4 layers), on the Python
 standard library's own source, byte-level, in the shape of `titans_hybrid`.
 
-Each layer is the "titans_mag" mixer (models/titans/mag.py, train/titans_config.py): sliding-
+Each layer is the "titans_mag" mixer (models/titans/mag.py, models/titans/config.py): sliding-
 window attention (64) with 4 persistent tokens, gated by the memory read of the same input. The
 memory is the "memory" mixer's defaults, i.e. Titans' LMM (an MLP of depth 2 and expansion 4 per
 head, l2 bias, per-token decay and momentum, gradient anchor b = 16, read after write), four
@@ -10,8 +10,8 @@ heads of 32. Not a paper reproduction: sizes are shrunk for a 2-core CPU, where 
 (2026-11-23).
 """
 from configs._memory_lm import memory_lm
-from train.memory_config import MemoryConfig
-from train.titans_config import MAGConfig
+from layers.memory.config import MemoryConfig
+from models.titans.config import MAGConfig
 
 
 def config():

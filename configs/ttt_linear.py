@@ -5,7 +5,7 @@ data-dependent per-token learning rate sigmoid(.) * max_lr instead of TTT's lear
 over 1/t; the Titans-style conv and output gate of the memory mixer. CPU-small
 (configs/_memory_lm.py)."""
 from configs._memory_lm import memory_lm
-from train.memory_config import MemoryConfig
+from layers.memory.config import MemoryConfig
 
 
 def config():

@@ -2,7 +2,7 @@
 reconstruction of v, no retention, plain GD on mini-batches of b = 16 tokens, read after write.
 Departures as configs/ttt_linear.py. CPU-small (configs/_memory_lm.py)."""
 from configs._memory_lm import memory_lm
-from train.memory_config import MemoryConfig
+from layers.memory.config import MemoryConfig
 
 
 def config():

@@ -6,7 +6,7 @@ LayerNorm readout, a decay that shrinks M faster than the small writes restore i
 with a variance below the LN's eps, whose second derivative then blew the first gradient up to
 ~1e7 (measured at -4; 6.5 at -7). CPU-small (configs/_memory_lm.py)."""
 from configs._memory_lm import memory_lm
-from train.memory_config import MemoryConfig
+from layers.memory.config import MemoryConfig
 
 
 def config():

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from train.config import ConfigError, MixerConfig, RuntimeConfig
+from layers.config import ConfigError, MixerConfig, RuntimeConfig
 
 
 @dataclass(frozen=True)

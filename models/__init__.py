@@ -1,15 +1,16 @@
-"""Model assembly: `build(model_cfg, runtime_cfg, seed)` returns an NNX LM."""
+"""Model assembly: `build(model_cfg, runtime_cfg, seed)` returns an NNX LM.
+
+The package itself imports nothing heavy (`models.config` must load without jax); `LM`,
+`build`, `flops_per_token`, `lm_loss` and `resolve_dtype` come from models/lm.py on first use.
+"""
 from __future__ import annotations
 
-from flax import nnx
-
-import layers  # noqa: F401  (registers the mixers)
-import models.titans  # noqa: F401  (registers the Titans MAC / MAG / MAL mixers)
-from models.lm import LM, flops_per_token, lm_loss, resolve_dtype
-from train.config import ModelConfig, RuntimeConfig
+import importlib
 
 __all__ = ["LM", "build", "flops_per_token", "lm_loss", "resolve_dtype"]
 
 
-def build(cfg: ModelConfig, runtime: RuntimeConfig | None = None, *, seed: int = 0) -> LM:
-    return LM(cfg, runtime or RuntimeConfig(), rngs=nnx.Rngs(params=seed))
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(importlib.import_module("models.lm"), name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")

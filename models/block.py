@@ -4,11 +4,13 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+import layers.catalog  # noqa: F401  (registers every mixer of layers/)
 from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, build_mixer
 from layers.sharding import RESIDUAL, constrain
-from train.config import ModelConfig
+from models.config import ModelConfig
+from models.titans import mac, mag, mal  # noqa: F401  (register the Titans mixers)
 
 
 class Block(nnx.Module):

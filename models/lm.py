@@ -17,8 +17,9 @@ from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, mixer_class
 from layers.sharding import RESIDUAL, constrain
+from layers.config import RuntimeConfig
+from models.config import ModelConfig
 from models.stack import Stack
-from train.config import ModelConfig, RuntimeConfig
 
 
 def resolve_dtype(runtime: RuntimeConfig, platform: str | None = None):
@@ -98,3 +99,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     out["mlp"] = cfg.num_layers * SwiGLU.flops_per_token(cfg.d_model, cfg.hidden)
     out["head"] = 6.0 * cfg.d_model * cfg.vocab_size
     return out
+
+
+def build(cfg: ModelConfig, runtime: RuntimeConfig | None = None, *, seed: int = 0) -> LM:
+    """The LM of `cfg`, computed as `runtime` says (default RuntimeConfig()), params from `seed`."""
+    return LM(cfg, runtime or RuntimeConfig(), rngs=nnx.Rngs(params=seed))

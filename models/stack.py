@@ -27,7 +27,7 @@ from flax import nnx
 from layers.registry import LayerContext
 from layers.sharding import active_mesh
 from models.block import Period
-from train.config import ModelConfig
+from models.config import ModelConfig
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,

@@ -25,8 +25,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from layers.config import RuntimeConfig
+from models.config import ModelConfig
 from models.lm import LM, flops_per_token, resolve_dtype
-from train.config import ModelConfig, RuntimeConfig
 
 __all__ = ["model_stats", "param_counts", "state_bytes"]
 

@@ -11,13 +11,21 @@ command line. Every error names the field and what is accepted.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, Literal, Mapping
+
+# The base types and the mixer configs live on the floors that use them (layers/config.py,
+# layers/<family>/config.py, models/config.py); they are re-exported here, the run's one
+# config namespace.
+from layers.attention.config import AttentionConfig
+from layers.config import (DEFAULT_MIXERS, MIXER_CONFIG_KINDS, ConfigError, HeadsConfig,
+                           MixerConfig, RuntimeConfig, check_literals, register_mixer_config,
+                           suggest)
+from models.config import ModelConfig
 
 __all__ = [
     "ConfigError", "MixerConfig", "AttentionConfig", "ModelConfig", "DataConfig", "MQARConfig",
@@ -27,184 +35,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type, or impossible."""
-
-
-# ----------------------------------------------------------------------------- mixer configs
-
-_MIXER_CONFIG_KINDS: dict[str, type["MixerConfig"]] = {}
-
-
-def register_mixer_config(cls):
-    """Class decorator: make a MixerConfig subclass loadable from JSON by its `kind`."""
-    _MIXER_CONFIG_KINDS[cls.kind] = cls
-    return cls
-
-
-@dataclass(frozen=True)
-class MixerConfig:
-    """Base of every token-mixer config. Subclasses set `kind` and validate in `check`."""
-    kind: ClassVar[str] = ""
-
-    def check(self, d_model: int, where: str) -> None:
-        """Raise ConfigError (naming `where`) when this mixer cannot run at width d_model."""
-
-    def check_runtime(self, runtime: "RuntimeConfig", where: str) -> None:
-        """Raise ConfigError (naming the runtime field) when this mixer cannot be computed the
-        way `runtime` asks (e.g. an implementation that refuses every call it would make)."""
-
-
-def check_literals(cfg, where: str) -> None:
-    """ConfigError naming `where.field` unless every Literal-typed field of the dataclass `cfg`
-    holds one of its values (from_dict checks this too; direct construction in a preset does
-    not)."""
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        tp = hints[f.name]
-        if typing.get_origin(tp) is Literal and getattr(cfg, f.name) not in typing.get_args(tp):
-            raise ConfigError(f"{where}.{f.name}={getattr(cfg, f.name)!r} is not accepted; "
-                              f"choose one of {list(typing.get_args(tp))}")
-
-
-@dataclass(frozen=True)
-class HeadsConfig(MixerConfig):
-    """Head layout of the softmax-attention mixers (attention, moba, nsa): num_heads query
-    heads, num_kv_heads key/value heads (MHA when equal or None, GQA, MQA when 1; they must
-    divide num_heads), head_dim (None: d_model // num_heads; even, for RoPE), optional RMSNorm
-    on q and k per head (Qwen3 / OLMo2 style) before RoPE with base rope_theta."""
-    num_heads: int = 4
-    num_kv_heads: int | None = None  # None: same as num_heads
-    head_dim: int | None = None  # None: d_model // num_heads
-    qk_norm: bool = False
-    rope_theta: float = 10_000.0
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    def dim_per_head(self, d_model: int) -> int:
-        return self.head_dim if self.head_dim is not None else d_model // self.num_heads
-
-    def check(self, d_model: int, where: str) -> None:
-        check_literals(self, where)
-        if self.num_heads < 1:
-            raise ConfigError(f"{where}.num_heads must be >= 1, got {self.num_heads}")
-        if self.head_dim is None and d_model % self.num_heads:
-            raise ConfigError(
-                f"{where}.num_heads={self.num_heads} does not divide model.d_model={d_model}; "
-                f"choose a divisor of {d_model} or set {where}.head_dim")
-        if self.head_dim is not None and self.head_dim < 2:
-            raise ConfigError(f"{where}.head_dim must be >= 2 or None, got {self.head_dim}")
-        if self.kv_heads < 1 or self.num_heads % self.kv_heads:
-            raise ConfigError(
-                f"{where}.num_kv_heads={self.num_kv_heads} must divide "
-                f"{where}.num_heads={self.num_heads} (1 = MQA, num_heads = MHA)")
-        hd = self.dim_per_head(d_model)
-        if hd % 2:
-            raise ConfigError(f"{where}: head dim {hd} must be even for RoPE "
-                              f"(set {where}.head_dim or change {where}.num_heads)")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"{where}.rope_theta must be > 0, got {self.rope_theta}")
-
-
-@register_mixer_config
-@dataclass(frozen=True)
-class AttentionConfig(HeadsConfig):
-    """Softmax attention: MHA (num_kv_heads == num_heads), GQA, or MQA (num_kv_heads == 1);
-    the head fields are HeadsConfig's.
-
-    window: None for full causal attention, or W for sliding-window attention where a query
-        sees itself and the W - 1 tokens before it.
-    logit_softcap: c * tanh(s / c) on the attention logits (Gemma 2 style), or None.
-    conv_size: 0 (off), or W >= 2 for a depthwise causal convolution of width W over time on
-        each of the q, k and v projections, before QK-norm and RoPE (Primer's "depthwise conv
-        after Q/K/V"; Zoology's attention baselines put a short convolution before attention
-        for the same reason: it hands each token its predecessors, which associative recall
-        otherwise has to learn as a previous-token head). Documents stay apart; decode keeps
-        the last W - 1 projections.
-    """
-    kind: ClassVar[str] = "attention"
-    window: int | None = None
-    logit_softcap: float | None = None
-    conv_size: int = 0
-
-    def check(self, d_model: int, where: str) -> None:
-        super().check(d_model, where)
-        if self.window is not None and self.window < 1:
-            raise ConfigError(f"{where}.window must be >= 1 or None (full attention), got {self.window}")
-        if self.logit_softcap is not None and self.logit_softcap <= 0:
-            raise ConfigError(f"{where}.logit_softcap must be > 0 or None, got {self.logit_softcap}")
-        if self.conv_size < 0 or self.conv_size == 1:
-            raise ConfigError(f"{where}.conv_size must be 0 (off) or >= 2, got {self.conv_size}")
-
-
-# Mixer names usable in ModelConfig.pattern without declaring them in ModelConfig.mixers.
-DEFAULT_MIXERS: dict[str, MixerConfig] = {
-    "attn": AttentionConfig(),
-    "swa": AttentionConfig(window=128),
-}
-
-
 # ----------------------------------------------------------------------------- sections
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Decoder-only LM. `pattern` is one period of mixer names; layers cycle through it.
-
-    With num_layers = n * len(pattern) + r, the n full periods are scanned over (when `scan`)
-    and the first r names of the pattern follow as a remainder.
-    """
-    vocab_size: int | None = None  # None: take it from the tokenizer / task
-    d_model: int = 256
-    num_layers: int = 4
-    pattern: tuple[str, ...] = ("attn",)
-    mixers: Mapping[str, MixerConfig] = field(default_factory=dict)  # added to DEFAULT_MIXERS
-    mlp_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 64
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = True
-    z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2), PaLM style; 0 disables
-    init_std: float = 0.02
-    scan: bool = True  # scan over periods (stacked params); False: a plain loop of layers
-
-    def mixer(self, name: str) -> MixerConfig:
-        if name in self.mixers:
-            return self.mixers[name]
-        if name in DEFAULT_MIXERS:
-            return DEFAULT_MIXERS[name]
-        known = sorted(set(self.mixers) | set(DEFAULT_MIXERS))
-        raise ConfigError(f"model.pattern names mixer {name!r}, which is not defined; "
-                          f"known mixers: {known}{_suggest(name, known)}")
-
-    @property
-    def hidden(self) -> int:
-        if self.mlp_hidden is not None:
-            return self.mlp_hidden
-        return -(-(8 * self.d_model // 3) // 64) * 64
-
-    def layer_names(self) -> tuple[str, ...]:
-        p = self.pattern
-        return tuple(p[i % len(p)] for i in range(self.num_layers))
-
-    def check(self) -> None:
-        if self.d_model < 1 or self.num_layers < 1:
-            raise ConfigError("model.d_model and model.num_layers must be >= 1")
-        if not self.pattern:
-            raise ConfigError("model.pattern must name at least one mixer")
-        if len(self.pattern) > self.num_layers:
-            # Layers cycle through the pattern, so the tail of a longer one would never be built
-            # (a 6-name pattern on 4 layers would silently drop its attention layers).
-            raise ConfigError(
-                f"model.pattern has {len(self.pattern)} mixers ({','.join(self.pattern)}) but "
-                f"model.num_layers={self.num_layers}; set model.num_layers to a multiple of "
-                f"{len(self.pattern)} (or a shorter pattern)")
-        if self.vocab_size is not None and self.vocab_size < 2:
-            raise ConfigError(f"model.vocab_size must be >= 2 or None, got {self.vocab_size}")
-        for name, mc in self.mixers.items():
-            if not isinstance(mc, MixerConfig):
-                raise ConfigError(f"model.mixers[{name!r}] must be a MixerConfig, got {type(mc).__name__}")
-        for name in dict.fromkeys(self.pattern):
-            self.mixer(name).check(self.d_model, f"model.mixers.{name}")
 
 
 @dataclass(frozen=True)
@@ -343,64 +174,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class RuntimeConfig:
-    """How the model is computed; never what it computes.
-
-    compute_dtype: "auto" is bfloat16 on GPU/TPU and float32 on CPU. Params stay float32.
-    remat: what the backward pass recomputes per layer: "none" (save everything), "full"
-      (save only layer inputs), "dots" (save matmul outputs), "dots_no_batch" (save matmuls
-      without batch dims, i.e. weight matmuls, recompute attention).
-    attention_impl: None tries the best implementation for the platform; "xla" or "reference"
-      forces one (and fails loudly if it cannot serve a call). "block_sparse": the softmax
-      attention mixers (attn / swa) compute through the block-sparse op
-      (`pallas_kernels.block_sparse_attention`) with a causal / sliding-window layout, in the
-      implementation `sparse_attention_impl` names.
-    linear_attention_impl: the same for the ops of the linear-attention mixers,
-      `pallas_kernels.chunked_linear_attention` and `pallas_kernels.delta_rule` (deltanet, gdn):
-      None, "xla", "reference", "gpu" (Pallas Triton) or "tpu" (Pallas Mosaic).
-    linear_attention_chunk: chunk length of the chunked implementations of both ops.
-    sparse_attention_impl: the implementation of `pallas_kernels.block_sparse_attention`, used
-      by the routed sparse mixers (moba, nsa) and by attention with attention_impl="block_sparse":
-      None (best available for the platform, with fallback), "xla", "reference", "gpu" (Pallas
-      Triton) or "tpu" (Pallas Mosaic); a named one never falls back.
-    mesh_data, mesh_fsdp, mesh_tensor: the device mesh (train/mesh.py, layers/sharding.py):
-      data parallel, fully-sharded data parallel (params split too) and tensor parallel sizes.
-      At most one may be -1, meaning "all the devices the others leave"; their product must
-      equal the number of devices (all hosts together), or be smaller when none is -1 (the
-      first devices are used). The default puts every device on the data axis.
-    distributed: call jax.distributed.initialize() before touching devices (multi-host runs:
-      SLURM, TPU pods, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set).
-    """
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attention_impl: Literal["xla", "reference", "block_sparse"] | None = None
-    attention_block_q: int = 128
-    attention_block_k: int = 128
-    linear_attention_impl: Literal["xla", "reference", "gpu", "tpu"] | None = None
-    linear_attention_chunk: int = 64
-    sparse_attention_impl: Literal["xla", "reference", "gpu", "tpu"] | None = None
-    mesh_data: int = -1
-    mesh_fsdp: int = 1
-    mesh_tensor: int = 1
-    distributed: bool = False
-
-    MESH_FIELDS: ClassVar[tuple[str, ...]] = ("mesh_data", "mesh_fsdp", "mesh_tensor")
-
-    def check(self) -> None:
-        for name in ("attention_block_q", "attention_block_k", "linear_attention_chunk"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ConfigError(f"runtime.{name} must be a power of two, got {v}")
-        sizes = {f: getattr(self, f) for f in self.MESH_FIELDS}
-        for f, v in sizes.items():
-            if v < 1 and v != -1:
-                raise ConfigError(f"runtime.{f} must be >= 1 or -1 (all remaining devices), got {v}")
-        if sum(v == -1 for v in sizes.values()) > 1:
-            raise ConfigError(f"only one of runtime.{{{', '.join(self.MESH_FIELDS)}}} may be -1, got "
-                              + ", ".join(f"{f}={v}" for f, v in sizes.items()))
-
-
-@dataclass(frozen=True)
 class Config:
     name: str = "unnamed"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -420,11 +193,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- conversion
-
-def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
 
 _ACCEPTS = {int: "an int", float: "a float", str: "a string", bool: "a bool (true/false)", type(None): "null"}
 
@@ -476,12 +244,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, MixerConfig):
             return value
         if not isinstance(value, Mapping) or "kind" not in value:
-            raise ConfigError(f"{where}: a mixer config needs a 'kind' among {sorted(_MIXER_CONFIG_KINDS)}")
+            raise ConfigError(f"{where}: a mixer config needs a 'kind' among {sorted(MIXER_CONFIG_KINDS)}")
         kind = value["kind"]
-        if kind not in _MIXER_CONFIG_KINDS:
+        if kind not in MIXER_CONFIG_KINDS:
             raise ConfigError(f"{where}.kind={kind!r} is not registered; known kinds: "
-                              f"{sorted(_MIXER_CONFIG_KINDS)}{_suggest(kind, _MIXER_CONFIG_KINDS)}")
-        return from_dict(_MIXER_CONFIG_KINDS[kind], {k: v for k, v in value.items() if k != "kind"}, where)
+                              f"{sorted(MIXER_CONFIG_KINDS)}{suggest(kind, MIXER_CONFIG_KINDS)}")
+        return from_dict(MIXER_CONFIG_KINDS[kind], {k: v for k, v in value.items() if k != "kind"}, where)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -535,7 +303,7 @@ def from_dict(cls, data: Mapping[str, Any], where: str = "") -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
-            raise ConfigError(f"unknown config key {path!r}{_suggest(key, fields)}; "
+            raise ConfigError(f"unknown config key {path!r}{suggest(key, fields)}; "
                               f"accepted: {sorted(fields)}")
         kwargs[key] = _convert(value, fields[key][1], path)
     return cls(**kwargs)
@@ -591,7 +359,7 @@ def _set_in_dict(d: dict, cls: type, keys: list[str], raw: str, where: str) -> N
     path = f"{where}.{key}" if where else key
     fields = _fields(cls)
     if key not in fields:
-        raise ConfigError(f"unknown config key {path!r}{_suggest(key, fields)}; accepted: {sorted(fields)}")
+        raise ConfigError(f"unknown config key {path!r}{suggest(key, fields)}; accepted: {sorted(fields)}")
     tp = fields[key][1]
     if not rest:
         d[key] = to_dict(_convert(_parse_literal(raw), tp, path))
@@ -620,10 +388,10 @@ def _set_in_dict(d: dict, cls: type, keys: list[str], raw: str, where: str) -> N
         if name not in DEFAULT_MIXERS:
             known = set(mixers) | set(DEFAULT_MIXERS)
             raise ConfigError(f"{mpath}: no mixer named {name!r}; declare it first with "
-                              f"{mpath}.kind=KIND (kinds: {sorted(_MIXER_CONFIG_KINDS)}), or use one of "
-                              f"{sorted(known)}{_suggest(name, known)}")
+                              f"{mpath}.kind=KIND (kinds: {sorted(MIXER_CONFIG_KINDS)}), or use one of "
+                              f"{sorted(known)}{suggest(name, known)}")
         mixers[name] = to_dict(DEFAULT_MIXERS[name])
-    _set_in_dict(mixers[name], _MIXER_CONFIG_KINDS[mixers[name]["kind"]], rest, raw, mpath)
+    _set_in_dict(mixers[name], MIXER_CONFIG_KINDS[mixers[name]["kind"]], rest, raw, mpath)
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -640,8 +408,3 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         _set_in_dict(d, Config, keys, raw.strip(), "")
     return from_dict(Config, d)
 
-
-from train import linear_attention_config  # noqa: E402,F401  (registers the linear-attention mixer kinds)
-from train import sparse_attention_config  # noqa: E402,F401  (registers the sparse-attention mixer kinds)
-from train import memory_config  # noqa: E402,F401  (registers the test-time memory mixer kind)
-from train import titans_config  # noqa: E402,F401  (registers the Titans MAC / MAG / MAL kinds)

@@ -17,7 +17,7 @@ anything). Both sides: pre-norm blocks, RMSNorm x * rsqrt(mean(x^2) + eps) * w, 
 down(silu(gate x) * up x), RoPE rotate-half with inv_freq theta^(-2i/D), softmax scale D^-0.5,
 query head h reading kv head h // (H / K), and a window W meaning the W most recent positions,
 the query included (HF: kv_idx > q_idx - sliding_window). Our QK-norm RMSNorm has eps 1e-6
-(layers/attention.py) while Qwen3 uses rms_norm_eps for it as well, so a QK-norm model with
+(layers/attention/mixer.py) while Qwen3 uses rms_norm_eps for it as well, so a QK-norm model with
 model.norm_eps != 1e-6 is refused rather than exported with a silently different function.
 
 Tensors: a Dense kernel is [d_in, d_out] and a torch Linear weight [d_out, d_in] (transposed);

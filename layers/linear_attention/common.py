@@ -56,8 +56,8 @@ from layers.sharding import constrain, param
 from pallas_kernels.chunked_linear_attention.api import chunked_linear_attention, decode_step
 from pallas_kernels.chunked_linear_attention.xla import STATES
 from pallas_kernels.delta_rule import api as delta_api
-from train.config import RuntimeConfig
-from train.linear_attention_config import qkv_widths
+from layers.config import RuntimeConfig
+from layers.linear_attention.config import qkv_widths
 
 F32 = jnp.float32
 HEADS = ("batch", "seq", "act_heads", None)  # logical axes of [B, T, H, D] activations

@@ -34,7 +34,7 @@ from layers.linear_attention import common
 from layers.linear_attention.common import LinearAttentionMixer, OpInputs
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
-from train.linear_attention_config import DeltaNetConfig
+from layers.linear_attention.config import DeltaNetConfig
 
 F32 = jnp.float32
 

@@ -33,7 +33,7 @@ from flax import nnx
 from layers.linear_attention import common
 from layers.linear_attention.deltanet import DeltaNet
 from layers.registry import LayerContext, register_mixer
-from train.linear_attention_config import GDNConfig
+from layers.linear_attention.config import GDNConfig
 
 
 @register_mixer(GDNConfig)

@@ -27,7 +27,7 @@ from layers.linear_attention.common import LinearAttentionMixer, OpInputs
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
 from layers.sharding import param
-from train.linear_attention_config import GLAConfig
+from layers.linear_attention.config import GLAConfig
 
 F32 = jnp.float32
 

@@ -35,7 +35,7 @@ from flax import nnx
 from layers.linear_attention import common
 from layers.linear_attention.common import LinearAttentionMixer, OpInputs
 from layers.registry import LayerContext, register_mixer
-from train.linear_attention_config import HGRN2Config, head_width
+from layers.linear_attention.config import HGRN2Config, head_width
 
 F32 = jnp.float32
 

@@ -36,7 +36,7 @@ from flax import nnx
 from layers.linear_attention import common
 from layers.linear_attention.common import LinearAttentionMixer, OpInputs
 from layers.registry import LayerContext, register_mixer
-from train.linear_attention_config import LightningConfig
+from layers.linear_attention.config import LightningConfig
 
 GATES = {"none": lambda u: u, "sigmoid": jax.nn.sigmoid, "swish": jax.nn.silu}
 

@@ -27,7 +27,7 @@ from layers.linear_attention import common
 from layers.linear_attention.common import LinearAttentionMixer, OpInputs
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
-from train.linear_attention_config import LinearAttnConfig
+from layers.linear_attention.config import LinearAttnConfig
 
 EPS = 1e-6
 

@@ -40,7 +40,7 @@ from layers.linear_attention.common import LinearAttentionMixer, OpInputs
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
 from layers.sharding import param
-from train.linear_attention_config import MLSTMConfig, head_width
+from layers.linear_attention.config import MLSTMConfig, head_width
 
 F32 = jnp.float32
 EPS = 1e-6

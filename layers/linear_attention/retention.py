@@ -34,7 +34,7 @@ from layers.linear_attention.common import LinearAttentionMixer, OpInputs
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
 from layers.rope import apply_rope
-from train.linear_attention_config import RetentionConfig
+from layers.linear_attention.config import RetentionConfig
 
 
 def retention_log_decay(num_heads: int) -> np.ndarray:

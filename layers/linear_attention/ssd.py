@@ -36,7 +36,7 @@ from layers.linear_attention import common
 from layers.linear_attention.common import LinearAttentionMixer, OpInputs
 from layers.registry import LayerContext, register_mixer
 from layers.sharding import param
-from train.linear_attention_config import SSDConfig
+from layers.linear_attention.config import SSDConfig
 
 F32 = jnp.float32
 

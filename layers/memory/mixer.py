@@ -1,4 +1,4 @@
-"""The Titans / Miras test-time memory mixer, kind "memory" (config: train/memory_config.py).
+"""The Titans / Miras test-time memory mixer, kind "memory" (config: layers/memory/config.py).
 
 Per head h (H heads, key = value width D), from x_t [d]:
 
@@ -61,7 +61,7 @@ from layers.registry import LayerContext, register_mixer
 from layers.sharding import param
 from pallas_kernels.neural_memory.api import neural_memory
 from pallas_kernels.neural_memory.common import init_weights, layer_shapes
-from train.memory_config import MemoryConfig
+from layers.memory.config import MemoryConfig
 
 F32 = jnp.float32
 L2_EPS = 1e-6  # q / |q| as q * rsqrt(|q|^2 + eps): finite at q = 0 (padding, zero conv output)

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from layers.attention import init_head_projections, project_heads
+from layers.attention.mixer import init_head_projections, project_heads
 from layers.kv_cache import init_kv_cache
 from layers.registry import LayerContext
 

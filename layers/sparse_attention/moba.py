@@ -71,7 +71,7 @@ from layers.sparse_attention import routing
 from layers.sparse_attention.common import SparseAttentionBase, masked_attention, mean_visible
 from pallas_kernels.block_sparse_attention.api import block_sparse_attention
 from pallas_kernels.block_sparse_attention.layout import from_topk
-from train.sparse_attention_config import MoBAConfig
+from layers.sparse_attention.config import MoBAConfig
 
 
 @register_mixer(MoBAConfig)

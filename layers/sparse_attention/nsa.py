@@ -92,7 +92,7 @@ from layers.sparse_attention.common import SparseAttentionBase, masked_attention
 from pallas_kernels.block_sparse_attention import masks
 from pallas_kernels.block_sparse_attention.api import block_sparse_attention
 from pallas_kernels.block_sparse_attention.layout import from_topk
-from train.sparse_attention_config import NSAConfig
+from layers.sparse_attention.config import NSAConfig
 
 F32 = jnp.float32
 

@@ -1,5 +1,5 @@
 """Titans MAC, memory as context (Titans sec. 4.1, Eqs 21-25), kind "titans_mac"
-(config: train/titans_config.py MACConfig).
+(config: models/titans/config.py MACConfig).
 
 Each row is cut into segments of C tokens on the row's grid (the last one padded). For segment
 s, with x [C, d] its tokens and M_{s-1} the memory after the previous segments:
@@ -58,7 +58,7 @@ from models.titans import attend, segments
 from models.titans.parts import NormGate, PrefixAttention, inner_context
 from pallas_kernels.neural_memory import common
 from pallas_kernels.neural_memory.api import neural_memory
-from train.titans_config import MACConfig
+from models.titans.config import MACConfig
 
 
 def _gate_args(g: dict) -> tuple:

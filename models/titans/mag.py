@@ -1,5 +1,5 @@
 """Titans MAG, memory as gate (Titans sec. 4.2, Eqs 26-28), kind "titans_mag"
-(config: train/titans_config.py MAGConfig).
+(config: models/titans/config.py MAGConfig).
 
     y = SWA*(x)                                  sliding-window attention, window W, with the N_p
                                                  persistent tokens as an always-visible prefix
@@ -35,7 +35,7 @@ from models.titans.parts import (
     attention_flops,
     inner_context,
 )
-from train.titans_config import MAGConfig
+from models.titans.config import MAGConfig
 
 
 @register_mixer(MAGConfig)

@@ -1,5 +1,5 @@
 """Titans MAL, memory as layer (Titans sec. 4.3, Eqs 29-31), kind "titans_mal"
-(config: train/titans_config.py MALConfig).
+(config: models/titans/config.py MALConfig).
 
     y = M(x)                                     the "memory" mixer (layers/memory), whole
     o = W_o SWA*(RMSNorm(y))                     sliding-window attention, window W, with the
@@ -30,7 +30,7 @@ from layers.memory.mixer import NeuralMemory
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
 from models.titans.parts import PrefixAttention, attention_flops, inner_context
-from train.titans_config import MALConfig
+from models.titans.config import MALConfig
 
 
 @register_mixer(MALConfig)

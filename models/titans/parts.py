@@ -1,7 +1,7 @@
 """The NNX pieces the three Titans mixers share: the attention with a persistent prefix and the
 normalised gate that combines an attention output with a memory output.
 
-`PrefixAttention` owns the attention's q/k/v/o projections (layers/attention.py's
+`PrefixAttention` owns the attention's q/k/v/o projections (layers/attention/mixer.py's
 `init_head_projections`, so the parameter names are the attention mixer's) and the N_p
 persistent tokens p [N_p, d]. The persistent tokens are inputs, as in Titans Eq 19
 (x_new = [p] || x): they pass through the same k/v projections (and k-norm), but get no RoPE,
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.attention import init_head_projections, project_heads
+from layers.attention.mixer import init_head_projections, project_heads
 from layers.kv_cache import init_kv_cache, kv_cache_update
 from layers.linear import Dense
 from layers.norm import RMSNorm
@@ -29,7 +29,7 @@ from layers.registry import LayerContext
 from layers.rope import apply_rope
 from layers.sharding import param
 from models.titans import attend
-from train.titans_config import TitansConfig
+from models.titans.config import TitansConfig
 
 F32 = jnp.float32
 
@@ -136,8 +136,8 @@ class NormGate(nnx.Module):
 def attention_flops(cfg: TitansConfig, d_model: int, seq_len: int, window: int | None) -> float:
     """Training FLOPs per token of PrefixAttention: the attention mixer's count for the same
     heads and window, plus the N_p persistent keys every query scores and reads."""
-    from layers.attention import Attention
-    from train.config import AttentionConfig
+    from layers.attention.mixer import Attention
+    from layers.attention.config import AttentionConfig
     heads = AttentionConfig(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                             qk_norm=cfg.qk_norm, rope_theta=cfg.rope_theta, window=window)
     persistent = 2 * 2 * cfg.num_heads * cfg.dim_per_head(d_model) * cfg.num_persistent

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import layers  # noqa: F401
-from layers.attention import Attention
+import layers.catalog  # noqa: F401  (registers the mixers)
+from layers.attention.mixer import Attention
 from layers.kv_cache import init_kv_cache, kv_cache_update
 from layers.norm import rms_norm
 from layers.registry import LayerContext
@@ -112,7 +112,7 @@ def test_attention_qkv_conv_is_a_causal_depthwise_filter_per_document():
         captured["in"], captured["out"] = np.asarray(u), np.asarray(y)
         return y
 
-    from layers.attention import project_heads
+    from layers.attention.mixer import project_heads
     project_heads(m, x, pos, conv=capture)
     u, w = captured["in"][0], np.asarray(m.conv.kernel[...])
     want = np.zeros_like(u)

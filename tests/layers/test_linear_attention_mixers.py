@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import layers  # noqa: F401  (registers the mixers)
+import layers.catalog  # noqa: F401  (registers the mixers)
 from layers.conv import CausalConv1d, causal_conv1d
 from layers.registry import LayerContext, build_mixer, mixer_class, registered_mixers
 from pallas_kernels import dispatch
 from pallas_kernels.chunked_linear_attention.api import OP
 from pallas_kernels.delta_rule.api import OP as DELTA_OP
 from train.config import ConfigError, Config, ModelConfig, RuntimeConfig, apply_overrides, from_dict, to_dict
-from train.linear_attention_config import (LINEAR_ATTENTION_CONFIGS, DeltaNetConfig, GDNConfig, GLAConfig,
+from layers.linear_attention.config import (LINEAR_ATTENTION_CONFIGS, DeltaNetConfig, GDNConfig, GLAConfig,
                                            HGRN2Config, LightningConfig, LinearAttnConfig, MLSTMConfig,
                                            RetentionConfig, SSDConfig)
 

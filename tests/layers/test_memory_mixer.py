@@ -25,7 +25,7 @@ from pallas_kernels.neural_memory import common, reference, xla
 from pallas_kernels.neural_memory.api import OP
 from pallas_kernels.neural_memory.common import MemorySpec
 from train.config import Config, ConfigError, ModelConfig, RuntimeConfig, apply_overrides, from_dict, to_dict
-from train.memory_config import MemoryConfig
+from layers.memory.config import MemoryConfig
 
 D, T, PREFILL = 32, 19, 7
 RT = RuntimeConfig(compute_dtype="float32")

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import layers  # noqa: F401  (registers the mixers)
-from layers.attention import Attention
+import layers.catalog  # noqa: F401  (registers the mixers)
+from layers.attention.mixer import Attention
 from layers.registry import LayerContext, build_mixer, registered_mixers
 from layers.sparse_attention import routing
 from pallas_kernels import dispatch
@@ -27,7 +27,7 @@ from pallas_kernels.block_sparse_attention.api import OP
 from train.cli import load_config
 from train.config import (DEFAULT_MIXERS, AttentionConfig, Config, ConfigError, ModelConfig, RuntimeConfig,
                           apply_overrides, from_dict, to_dict)
-from train.sparse_attention_config import SPARSE_ATTENTION_CONFIGS, MoBAConfig, NSAConfig
+from layers.sparse_attention.config import SPARSE_ATTENTION_CONFIGS, MoBAConfig, NSAConfig
 
 D = 32
 BS = 4  # block size of the layer tests: T = 19 gives 5 blocks, the last one ragged

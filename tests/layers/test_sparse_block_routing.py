@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import layers  # noqa: F401  (registers the mixers)
+import layers.catalog  # noqa: F401  (registers the mixers)
 from layers.registry import LayerContext, build_mixer
 from layers.sparse_attention import routing
 from layers.sparse_attention.common import masked_attention
@@ -27,7 +27,7 @@ from pallas_kernels import dispatch
 from pallas_kernels.block_sparse_attention.api import OP, block_sparse_attention
 from pallas_kernels.block_sparse_attention.layout import from_topk
 from train.config import Config, ConfigError, ModelConfig, RuntimeConfig, apply_overrides
-from train.sparse_attention_config import MoBAConfig, NSAConfig
+from layers.sparse_attention.config import MoBAConfig, NSAConfig
 
 D = 32
 N = 16  # route_block_q

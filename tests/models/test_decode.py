@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import layers  # noqa: F401  (registers the mixers)
+import layers.catalog  # noqa: F401  (registers the mixers)
 import models
 from layers import registry
 from train.config import AttentionConfig, ModelConfig, RuntimeConfig
-from train.linear_attention_config import (DeltaNetConfig, GDNConfig, GLAConfig, HGRN2Config, LightningConfig,
+from layers.linear_attention.config import (DeltaNetConfig, GDNConfig, GLAConfig, HGRN2Config, LightningConfig,
                                            LinearAttnConfig, MLSTMConfig, RetentionConfig, SSDConfig)
-from train.memory_config import MemoryConfig
-from train.sparse_attention_config import MoBAConfig, NSAConfig
+from layers.memory.config import MemoryConfig
+from layers.sparse_attention.config import MoBAConfig, NSAConfig
 
 VOCAB, T, PREFILL = 64, 19, 7
 WINDOW = 4  # < PREFILL < T: the ring buffers wrap during prefill and again while decoding

@@ -1,4 +1,4 @@
-"""Titans MAC / MAG / MAL (models/titans, configs train/titans_config.py).
+"""Titans MAC / MAG / MAL (models/titans, configs models/titans/config.py).
 
 Each mixer's output equals a plain re-computation of the paper's equations from its parameters:
 dense attention with masks written out pair by pair, MAC's segments in a Python loop whose
@@ -30,8 +30,8 @@ from train.config import (
     from_dict,
     to_dict,
 )
-from train.memory_config import MemoryConfig
-from train.titans_config import MACConfig, MAGConfig, MALConfig
+from layers.memory.config import MemoryConfig
+from models.titans.config import MACConfig, MAGConfig, MALConfig
 
 D, T = 32, 19
 C = 8  # MAC segment: segments [0, 8), [8, 16), [16, 19) (the last one padded)

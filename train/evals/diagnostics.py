@@ -22,7 +22,7 @@ diagnostics/sink_rate@L, entropy@L (head means; attention layers) and max_activa
 
 The model is run layer by layer (scanned periods sliced out of the stacked params, one jitted
 function for all batches); each attention layer's q and k, after qk-norm and RoPE, are read
-through `nnx.capture` of the `sow` in layers/attention.py, which is a no-op in training.
+through `nnx.capture` of the `sow` in layers/attention/mixer.py, which is a no-op in training.
 The training loop calls `make_diagnostics` every train.diagnostics_every steps.
 """
 from __future__ import annotations

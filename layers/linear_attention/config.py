@@ -22,7 +22,7 @@ what each field means live in the mixer's module docstring.
 projections before the recurrence; 0 disables it. On by default only where the paper has it
 (ssd, deltanet, gdn).
 
-Imported at the bottom of train/config.py, so these kinds exist wherever `Config` does.
+Imported by models/config.py, so these kinds exist wherever `ModelConfig` does.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from train.config import (DEFAULT_MIXERS, ConfigError, MixerConfig, check_literals,
-                          register_mixer_config)
+from layers.config import (DEFAULT_MIXERS, ConfigError, MixerConfig, check_literals,
+                           register_mixer_config)
 
 __all__ = ["qkv_widths", "head_width", "LinearAttnConfig", "RetentionConfig", "LightningConfig", "SSDConfig", "GLAConfig",
            "HGRN2Config", "MLSTMConfig", "DeltaNetConfig", "GDNConfig", "LINEAR_ATTENTION_CONFIGS"]

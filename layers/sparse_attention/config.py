@@ -16,14 +16,14 @@ layers/sparse_attention/routing.py, "Block routing"). The equations, the default
 they depart from the papers live in the mixers' module docstrings. Defaults are CPU-scale (block 64 / window 64);
 the papers use blocks of 512-4096 (MoBA), 128 (FlashMoBA) and 64 with a 512 window (NSA).
 
-Imported at the bottom of train/config.py, so these kinds exist wherever `Config` does.
+Imported by models/config.py, so these kinds exist wherever `ModelConfig` does.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from train.config import DEFAULT_MIXERS, ConfigError, HeadsConfig, register_mixer_config
+from layers.config import DEFAULT_MIXERS, ConfigError, HeadsConfig, register_mixer_config
 
 __all__ = ["MoBAConfig", "NSAConfig", "SPARSE_ATTENTION_CONFIGS"]
 
@@ -35,7 +35,7 @@ def _at_least(cfg, where: str, minimum: int, *names: str) -> None:
 
 
 class _SparseHeads(HeadsConfig):
-    """Both kinds: the attention head fields (train/config.py HeadsConfig), the check of
+    """Both kinds: the attention head fields (layers/config.py HeadsConfig), the check of
     `route_block_q`, and a refusal of the Pallas implementations for layouts they do not
     serve: token routing (block_q = 1) on either; on TPU also query or key blocks that are not
     multiples of 128 (Mosaic's lane tiling)."""

@@ -30,7 +30,8 @@ from layers.sharding import constrain
 from pallas_kernels.attention.api import attention
 from pallas_kernels.block_sparse_attention import masks
 from pallas_kernels.block_sparse_attention.api import block_sparse_attention
-from train.config import AttentionConfig, HeadsConfig
+from layers.attention.config import AttentionConfig
+from layers.config import HeadsConfig
 
 
 HEADS = ("batch", "seq", "act_heads", None)  # sharding of [B, T, heads, D] activations

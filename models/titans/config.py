@@ -14,15 +14,15 @@ e.g. `model.mixers.titans_mac.memory.chunk_size=8`. Default mixer names equal to
 ("titans_mac", "titans_mag", "titans_mal") are added to DEFAULT_MIXERS, so a pattern may name
 them without declaring them.
 
-Imported at the bottom of train/config.py, so the kinds exist wherever `Config` does.
+Imported by models/config.py, so the kinds exist wherever `ModelConfig` does.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from train.config import DEFAULT_MIXERS, ConfigError, HeadsConfig, register_mixer_config
-from train.memory_config import MemoryConfig
+from layers.config import DEFAULT_MIXERS, ConfigError, HeadsConfig, register_mixer_config
+from layers.memory.config import MemoryConfig
 
 __all__ = ["MACConfig", "MAGConfig", "MALConfig", "TitansConfig"]
 

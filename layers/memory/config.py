@@ -16,14 +16,14 @@ The three knobs that change the function besides the memory itself are explicit 
 and head, Titans' experiments; "chunk": each chunk uses its first token's gates) and `read`
 ("after_write" or "chunk_lagged"). Miras' channel-wise gates are future work.
 
-Imported at the bottom of train/config.py, so the kind exists wherever `Config` does.
+Imported by models/config.py, so the kind exists wherever `ModelConfig` does.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from train.config import DEFAULT_MIXERS, ConfigError, MixerConfig, check_literals, register_mixer_config
+from layers.config import DEFAULT_MIXERS, ConfigError, MixerConfig, check_literals, register_mixer_config
 
 __all__ = ["MemoryConfig", "SPEC_FIELDS"]
 

@@ -1,0 +1,1 @@
+"""The softmax-attention mixer (`mixer`, kind "attention") and its config (`config`)."""
