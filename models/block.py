@@ -1,20 +1,28 @@
 """Pre-norm residual block and one period of the layer pattern."""
 from __future__ import annotations
 
-import jax
+import jax.numpy as jnp
 from flax import nnx
 
 import layers.catalog  # noqa: F401  (registers every mixer of layers/)
 from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from layers.registry import LayerContext, build_mixer
-from layers.sharding import RESIDUAL, constrain
+from layers.sharding import RESIDUAL, constrain, param
 from models.config import ModelConfig
 from models.titans import mac, mag, mal  # noqa: F401  (register the Titans mixers)
 
 
 class Block(nnx.Module):
-    """x + mixer(norm(x)), then x + mlp(norm(x)). x: [B, T, d]."""
+    """x + branch(mixer, x), then x + branch(mlp, x); branch(f, x) = s * norm'(f(norm(x))). x: [B, T, d].
+
+    norm' (`ModelConfig.post_norm`, "hybrid-norm" / sandwich norm) is an RMSNorm on the branch's
+    output and s (`ModelConfig.layer_scale`, LayerScale: Touvron et al. 2021, CaiT) a learnable
+    per-channel vector [d] initialised to layer_scale; each is the identity when off, and its
+    params (mixer_post_norm / mlp_post_norm, mixer_scale / mlp_scale) exist only when on, so a
+    plain pre-norm block's param tree is the same as before they existed. With both, the scale
+    multiplies the normed output.
+    """
 
     def __init__(self, name: str, cfg: ModelConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
         self.name = name
@@ -23,11 +31,28 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.hidden, std=ctx.init_std, out_std=ctx.out_std,
                           dtype=ctx.dtype, rngs=rngs)
+        if cfg.post_norm:
+            self.mixer_post_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+            self.mlp_post_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        if cfg.layer_scale is not None:
+            self.mixer_scale = param(jnp.full((cfg.d_model,), cfg.layer_scale, jnp.float32), ("norm",))
+            self.mlp_scale = param(jnp.full((cfg.d_model,), cfg.layer_scale, jnp.float32), ("norm",))
+
+    def _branch_out(self, y, x, which: str):
+        """The output y of branch `which` ("mixer" / "mlp") as it is added to x."""
+        post_norm = getattr(self, f"{which}_post_norm", None)
+        if post_norm is not None:
+            y = post_norm(y)
+        y = y.astype(x.dtype)
+        scale = getattr(self, f"{which}_scale", None)
+        if scale is not None:
+            y = y * scale[...].astype(x.dtype)
+        return y
 
     def __call__(self, x, *, positions, segment_ids, cache=None):
         y, cache = self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids, cache=cache)
-        x = constrain(x + y.astype(x.dtype), RESIDUAL)
-        x = constrain(x + self.mlp(self.mlp_norm(x)).astype(x.dtype), RESIDUAL)
+        x = constrain(x + self._branch_out(y, x, "mixer"), RESIDUAL)
+        x = constrain(x + self._branch_out(self.mlp(self.mlp_norm(x)), x, "mlp"), RESIDUAL)
         return x, cache
 
 

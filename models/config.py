@@ -7,6 +7,7 @@ registered (layers.config.MIXER_CONFIG_KINDS) and every default mixer name is de
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -16,6 +17,7 @@ from layers.attention import config as _attention  # noqa: F401
 from layers.linear_attention import config as _linear_attention  # noqa: F401
 from layers.sparse_attention import config as _sparse_attention  # noqa: F401
 from layers.memory import config as _memory  # noqa: F401
+from layers.none import config as _none  # noqa: F401
 from models.titans import config as _titans  # noqa: F401
 
 __all__ = ["ModelConfig"]
@@ -39,6 +41,13 @@ class ModelConfig:
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2), PaLM style; 0 disables
     init_std: float = 0.02
     scan: bool = True  # scan over periods (stacked params); False: a plain loop of layers
+    # Block options (models/block.py), for any mixer. post_norm: "hybrid-norm" / sandwich norm,
+    # an RMSNorm on each residual branch's output before it is added. layer_scale: LayerScale
+    # (Touvron et al. 2021, CaiT), a learnable per-channel vector initialised to this value
+    # multiplying each branch's output; None: off. Sigmoid attention needs one of them
+    # (AttentionConfig.score).
+    post_norm: bool = False
+    layer_scale: float | None = None
 
     def mixer(self, name: str) -> MixerConfig:
         if name in self.mixers:
@@ -71,6 +80,13 @@ class ModelConfig:
                 f"model.pattern has {len(self.pattern)} mixers ({','.join(self.pattern)}) but "
                 f"model.num_layers={self.num_layers}; set model.num_layers to a multiple of "
                 f"{len(self.pattern)} (or a shorter pattern)")
+        if not isinstance(self.post_norm, bool):
+            raise ConfigError(f"model.post_norm must be true or false, got {self.post_norm!r}")
+        if self.layer_scale is not None and not (isinstance(self.layer_scale, (int, float))
+                                                 and not isinstance(self.layer_scale, bool)
+                                                 and math.isfinite(self.layer_scale) and self.layer_scale > 0):
+            raise ConfigError(f"model.layer_scale must be a finite number > 0 (the initial LayerScale, "
+                              f"e.g. 0.1 or 1e-5) or None (off), got {self.layer_scale!r}")
         if self.vocab_size is not None and self.vocab_size < 2:
             raise ConfigError(f"model.vocab_size must be >= 2 or None, got {self.vocab_size}")
         for name, mc in self.mixers.items():

@@ -6,7 +6,10 @@ returns a JSON-able dict:
 
     params            total trainable parameters
     params_by_part    {"embedding", "head", "mlp", "norms", "mixer:<name>" per mixer name}
-                      (summed over the layers that use the name); the parts add up to params
+                      (summed over the layers that use the name); the parts add up to params.
+                      "norms" holds every block param outside the mixer and the MLP (pre-norms,
+                      and the post-norms and LayerScale vectors of model.post_norm / layer_scale)
+                      plus the final norm
     mixer_kinds       {name: kind} of the mixers the layers use, in layer order
     flops_per_token   training FLOPs per token at seq_len (forward + backward, models.flops_per_token)
     flops_by_part     the same split ("mixer:<name>", "mlp", "head")
@@ -50,7 +53,8 @@ def param_counts(model: LM) -> dict[str, int]:
         key = f"mixer:{block.name}"
         parts[key] = parts.get(key, 0) + _count(block.mixer)
         parts["mlp"] += _count(block.mlp)
-        parts["norms"] += _count(block.mixer_norm) + _count(block.mlp_norm)
+        # the rest of the block: its pre-norms, and post-norms and LayerScale vectors when on
+        parts["norms"] += _count(block) - _count(block.mixer) - _count(block.mlp)
     return parts
 
 

@@ -7,7 +7,7 @@ from train.loop import run
 
 
 # The bigger presets (and the hybrids whose mixers other tests train) are the slow extras.
-SLOW = ("gpt125m", "gla_hybrid", "moba_hybrid", "nsa_hybrid", "titans_hybrid", "titans", "moneta", "yaad",
+SLOW = ("gpt125m", "gated_attn", "sigmoid_attn", "gla_hybrid", "moba_hybrid", "nsa_hybrid", "titans_hybrid", "titans", "moneta", "yaad",
         "memora", "ttt_linear", "ttt_mlp", "titans_mac", "titans_mag", "titans_mal")
 
 

@@ -11,14 +11,17 @@ what the model computes:
                                        q/k/v biases and head_dim = d / H)
 
 Those configs hold one value per model for heads, kv heads, head dim, RoPE theta, window and
-QK-norm, so a model whose layers differ in any of them, or that uses a logit soft-cap or a
-non-attention mixer, is refused with the offending layers named (`--format safetensors` exports
-anything). Both sides: pre-norm blocks, RMSNorm x * rsqrt(mean(x^2) + eps) * w, SwiGLU
-down(silu(gate x) * up x), RoPE rotate-half with inv_freq theta^(-2i/D), softmax scale D^-0.5,
-query head h reading kv head h // (H / K), and a window W meaning the W most recent positions,
-the query included (HF: kv_idx > q_idx - sliding_window). Our QK-norm RMSNorm has eps 1e-6
-(layers/attention/mixer.py) while Qwen3 uses rms_norm_eps for it as well, so a QK-norm model with
-model.norm_eps != 1e-6 is refused rather than exported with a silently different function.
+QK-norm, so a model whose layers differ in any of them is refused with the offending layers
+named (`--format safetensors` exports anything). So is any option the export does not map, found
+generically so that a new option can never be dropped silently: a non-attention mixer, an
+AttentionConfig field other than the mapped ones (MAPPED_ATTENTION_FIELDS) that is not at its
+default (logit_softcap, conv_size, gate, sinks, score, head_windows, ...), and a ModelConfig
+field other than MAPPED_MODEL_FIELDS that is not at its default (post_norm, layer_scale, ...).
+Both sides: pre-norm blocks, RMSNorm x * rsqrt(mean(x^2) + eps) * w (the QK-norm's eps is
+model.norm_eps too, as Qwen3's rms_norm_eps), SwiGLU down(silu(gate x) * up x), RoPE rotate-half
+with inv_freq theta^(-2i/D), softmax scale D^-0.5, query head h reading kv head h // (H / K),
+and a window W meaning the W most recent positions, the query included
+(HF: kv_idx > q_idx - sliding_window).
 
 Tensors: a Dense kernel is [d_in, d_out] and a torch Linear weight [d_out, d_in] (transposed);
 embeddings [V, d] and norm scales [d] are the same:
@@ -61,6 +64,28 @@ from train.safetensors_io import SafetensorsReader, TensorOut
 log = logging.getLogger("chimera.hf")
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+
+# The fields the HF config holds (or that do not change the function a checkpoint computes);
+# every other field must be at its default (hf_arch), whatever fields are added later.
+MAPPED_ATTENTION_FIELDS = frozenset({"num_heads", "num_kv_heads", "head_dim", "qk_norm", "rope_theta", "window"})
+MAPPED_MODEL_FIELDS = frozenset({
+    "vocab_size", "d_model", "num_layers", "pattern", "mixers", "mlp_hidden", "norm_eps", "tie_embeddings",
+    "init_std",  # initializer_range: initialisation only
+    "z_loss",    # a training loss term, not part of the forward pass
+    "scan",      # param layout only: export writes one tensor per layer either way
+})
+_ARCHS = "Llama, Qwen3 and Ministral"
+# Why an unmapped option cannot be exported, where there is more to say than that it is not mapped.
+_WHY_NOT = {
+    "logit_softcap": "do not soft-cap attention logits",
+    "conv_size": "have no convolution on q/k/v",
+    "gate": "have no output gate on attention",
+    "sinks": "have no attention sinks",
+    "score": "have softmax attention only",
+    "head_windows": "hold one window for every head of a layer",
+    "post_norm": "have no norm on the residual branches' outputs",
+    "layer_scale": "have no LayerScale on the residual branches",
+}
 IMPORTABLE = ("llama", "mistral", "ministral", "qwen2", "qwen3")
 
 # Chimera name inside layer i -> (HF name inside model.layers.i, transposed)
@@ -122,9 +147,34 @@ def _one_value(attn, what: str, get, problems: list[str]):
     return next(iter(groups))
 
 
+def _non_default_fields(cfg, mapped) -> list[tuple[str, object]]:
+    """(name, value) of each dataclass field of `cfg` not in `mapped` whose value is not its
+    default (a field without a default always counts: nothing says what it would map to)."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        if f.name in mapped:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        value = getattr(cfg, f.name)
+        if default is dataclasses.MISSING or value != default:
+            out.append((f.name, value))
+    return out
+
+
+def _unmapped(where: str, field: str, value) -> str:
+    why = _WHY_NOT.get(field, "have no such option (the export does not map it)")
+    return f"{where}{field}={value!r}; {_ARCHS} {why}"
+
+
 def hf_arch(mc: ModelConfig) -> HFArch:
-    """The HF architecture of `mc`, or ConfigError naming each layer that cannot map and why."""
-    problems: list[str] = []
+    """The HF architecture of `mc`, or ConfigError naming each layer (or model option) that
+    cannot map and why."""
+    problems = [_unmapped("model.", f, v) for f, v in _non_default_fields(mc, MAPPED_MODEL_FIELDS)]
     attn = []
     for i, name in enumerate(mc.layer_names()):
         c = mc.mixer(name)
@@ -133,15 +183,12 @@ def hf_arch(mc: ModelConfig) -> HFArch:
             problems.append(f"layer {i} ({name}): mixer kind {c.kind!r} is not softmax attention; "
                             "Llama, Qwen3 and Ministral have nothing else")
             continue
-        if c.logit_softcap is not None:
-            problems.append(f"layer {i} ({name}): logit_softcap={c.logit_softcap}; Llama, Qwen3 and "
-                            "Ministral do not soft-cap attention logits")
-        if c.conv_size:
-            problems.append(f"layer {i} ({name}): conv_size={c.conv_size}; Llama, Qwen3 and Ministral have "
-                            "no convolution on q/k/v")
+        problems += [_unmapped(f"layer {i} ({name}): ", f, v)
+                     for f, v in _non_default_fields(c, MAPPED_ATTENTION_FIELDS)]
         attn.append((i, name, c))
     if not attn:
-        raise ConfigError("cannot export to Hugging Face format:\n  " + "\n  ".join(problems))
+        raise ConfigError("cannot export to Hugging Face format:\n  " + "\n  ".join(problems)
+                          + "\n(--format safetensors exports any model)")
     d = mc.d_model
     heads = _one_value(attn, "num_heads", lambda c: c.num_heads, problems)
     kv_heads = _one_value(attn, "num_kv_heads", lambda c: c.kv_heads, problems)
@@ -320,6 +367,9 @@ def model_config_from_hf(hf_dir: str | Path) -> ModelConfig:
     return mc
 
 
+_HEAD_LAYOUT = ("num_heads", "num_kv_heads", "head_dim")
+
+
 def _function_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
     """What differs between two configs in the function computed, beyond param shapes."""
     out = []
@@ -329,11 +379,12 @@ def _function_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
             if type(ca) is not type(cb):
                 out.append(f"layer {i}: mixer kind {ca.kind} vs {cb.kind}")
             continue
-        for f in ("window", "qk_norm", "logit_softcap", "rope_theta", "conv_size"):
-            if getattr(ca, f) != getattr(cb, f):
-                out.append(f"layer {i} {f}: {getattr(ca, f)} vs {getattr(cb, f)}")
-    if a.norm_eps != b.norm_eps:
-        out.append(f"norm_eps: {a.norm_eps} vs {b.norm_eps}")
+        for f in dataclasses.fields(ca):  # every option, the head layout aside (shapes check it)
+            if f.name not in _HEAD_LAYOUT and getattr(ca, f.name) != getattr(cb, f.name, None):
+                out.append(f"layer {i} {f.name}: {getattr(ca, f.name)} vs {getattr(cb, f.name, None)}")
+    for f in dataclasses.fields(a):
+        if (f.name == "norm_eps" or f.name not in MAPPED_MODEL_FIELDS) and getattr(a, f.name) != getattr(b, f.name):
+            out.append(f"{f.name}: {getattr(a, f.name)} vs {getattr(b, f.name)}")
     return out
 
 

@@ -19,6 +19,9 @@ each run's metrics.jsonl and eval/suite-*.json, and writes into SWEEP_DIR/report
     loss_curves.png           training loss against step, one panel per group
     niah_heatmap.png          needle accuracy over context length x needle depth (niah suite)
     loss_by_position.png      loss by position bucket at each evaluated length (length suite)
+    attention_by_layer.png    per attention layer: the sink rate (first-token share), the
+                              learned sink's share where there is one, and the entropy, one
+                              line per group (diagnostics suite)
 
 Figures are drawn only when their data exist. Numbers in the tables are those of the records,
 unchanged.
@@ -344,6 +347,46 @@ def _loss_by_position(plt, sweep_dir: Path, rows, path) -> Path | None:
     return path
 
 
+def _attention_by_layer(plt, rows, path) -> Path | None:
+    """diagnostics/{sink_rate,learned_sink_rate,entropy}@L<i> against the layer, one line per
+    group (mean over seeds), one panel per statistic present."""
+    import re
+    stats = [("sink_rate", "first-token share (sink rate)"),
+             ("learned_sink_rate", "learned sink's share"), ("entropy", "attention entropy (nats)")]
+    panels = []
+    for name, label in stats:
+        lines: dict[str, dict[int, list[float]]] = {}
+        for r in rows:
+            if r.get("status") != "done":
+                continue
+            for k, v in r.items():
+                m = re.fullmatch(rf"diagnostics/{name}@L(\d+)", k)
+                if m and isinstance(v, (int, float)):
+                    lines.setdefault(_group_key({k2: r[k2] for k2 in r["_labels"]}), {}) \
+                        .setdefault(int(m[1]), []).append(v)
+        if lines:
+            panels.append((name, label, lines))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for ax, (name, label, lines) in zip(axes.flat, panels):
+        for i, (g, by_layer) in enumerate(sorted(lines.items())):
+            xs = sorted(by_layer)
+            ax.plot(xs, [sum(by_layer[x]) / len(by_layer[x]) for x in xs], marker="o", color=f"C{i}", label=g)
+        ax.set_xlabel("layer")
+        ax.set_xticks(sorted({x for by in lines.values() for x in by}))
+        ax.set_ylabel(label)
+        if name != "entropy":
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"diagnostics/{name}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Attention by layer on the validation batches (head means; mean over seeds)")
+    fig.tight_layout()
+    _save(plt, fig, path)
+    return path
+
+
 def write_report(sweep_dir: str | Path) -> list[Path]:
     """Write report/results.csv, results.md and the figures; returns the files written."""
     from train.logger import write_atomic
@@ -385,6 +428,7 @@ def write_report(sweep_dir: str | Path) -> list[Path]:
         _loss_curves(plt, sweep_dir, rows, out / "loss_curves.png"),
         _niah_heatmap(plt, sweep_dir, rows, out / "niah_heatmap.png"),
         _loss_by_position(plt, sweep_dir, rows, out / "loss_by_position.png"),
+        _attention_by_layer(plt, rows, out / "attention_by_layer.png"),
     ):
         if made is not None:
             written.append(made)

@@ -5,6 +5,17 @@
     out = attention(q_new, k_cache, v_cache, segment_ids=seg_new, positions=pos_new,
                     kv_segment_ids=cache_seg, kv_positions=cache_pos)           # decode
     out, lse = attention_with_lse(q, k, v, segment_ids=seg, positions=pos)     # diagnostics
+    out = attention(q, k, v, ..., sinks=sink_logits)                    # gpt-oss attention sinks
+    out = attention(q, k, v, ..., score="sigmoid", sigmoid_bias=-math.log(T))   # FlashSigmoid
+
+The function, for query i of head h, s_ij the scaled (and soft-capped) logit, j over the keys
+visible to i (mask below):
+
+    softmax: o_i = sum_j exp(s_ij - lse_i) v_j,   lse_i = log(sum_j exp(s_ij) + exp(sink_h))
+    sigmoid: o_i = sum_j sigmoid(s_ij + bias) v_j  (no normalisation, no sinks)
+
+The sink term is absent without `sinks`. Training, prefill and decode compute this one function;
+only the schedule of the work differs.
 
 Implementations ("xla": blocked, memory-efficient; "reference": dense) are chosen by
 `pallas_kernels.dispatch`; `dispatch.describe("attention")` says which one served the latest call.
@@ -12,6 +23,7 @@ Implementations ("xla": blocked, memory-efficient; "reference": dense) are chose
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +36,7 @@ OP = "attention"
 # sink rate and entropy of train/evals/diagnostics.py). A separate op, so that the training
 # op's contract, outputs and choice stay exactly as they are.
 OP_LSE = "attention_with_lse"
+SCORES = ("softmax", "sigmoid")
 
 dispatch.register(OP, "xla", xla.attention)
 dispatch.register(OP, "reference", reference.attention)
@@ -38,20 +51,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
               segment_ids: jax.Array, positions: jax.Array,
               kv_segment_ids: jax.Array | None = None, kv_positions: jax.Array | None = None,
               window: int | None = None, logit_softcap: float | None = None,
-              scale: float | None = None, implementation: str | None = None,
+              sinks: jax.Array | None = None, score: str = "softmax",
+              sigmoid_bias: float = 0.0, scale: float | None = None,
+              implementation: str | None = None,
               block_q: int = 128, block_k: int = 128) -> jax.Array:
-    """Causal softmax attention over packed documents, for training, prefill and decode.
+    """Causal softmax (or sigmoid) attention over packed documents, for training, prefill and
+    decode.
 
     Args:
       q: [B, Tq, H, D] queries.
-      k, v: [B, Tk, K, D] keys and values, H % K == 0 (MHA: K == H, GQA, MQA: K == 1).
-        Query head h uses kv head h // (H // K).
+      k: [B, Tk, K, D] keys; v: [B, Tk, K, Dv] values (Dv may differ from D, e.g. MLA),
+        H % K == 0 (MHA: K == H, GQA, MQA: K == 1). Query head h uses kv head h // (H // K).
       segment_ids, positions: int [B, Tq] for the queries. Segment 0 is padding.
       kv_segment_ids, kv_positions: int [B, Tk] for the keys. None (both): k/v are the query
         tokens themselves (self-attention, Tk == Tq). Give them for a KV cache, whose slots may
         be in any order (ring buffer); empty slots have segment 0.
       window: None, or W >= 1: a query sees keys at positions (pos - W, pos].
-      logit_softcap: None, or c > 0: logits s -> c * tanh(s / c) before masking.
+      logit_softcap: None, or c > 0: logits s -> c * tanh(s / c) before masking and before
+        the score function.
+      sinks: None, or float [H]: one learned logit per query head that joins the softmax
+        denominator with no value (gpt-oss attention sinks); softmax only; differentiable.
+        A query that sees no key but has a sink returns 0.
+      score: "softmax", or "sigmoid": weight sigmoid(s + sigmoid_bias) per visible key, no
+        normalisation (FlashSigmoid).
+      sigmoid_bias: static Python float added to the logits before the sigmoid (typically
+        -log(context length)); must be 0 with score="softmax".
       scale: logit scale, default 1 / sqrt(D).
       implementation: None (best available for the platform, with fallback), "xla" or
         "reference" (no fallback: a refusal raises NotImplementedError).
@@ -64,60 +88,76 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     accumulation are float32. A query without any visible key returns exactly 0.
 
     Returns:
-      [B, Tq, H, D] in q.dtype.
+      [B, Tq, H, Dv] in q.dtype.
     """
     return _call(OP, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
-                 logit_softcap, scale, implementation, block_q, block_k)
+                 logit_softcap, sinks, score, sigmoid_bias, scale, implementation, block_q,
+                 block_k)
 
 
 def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, *,
                        segment_ids: jax.Array, positions: jax.Array,
                        kv_segment_ids: jax.Array | None = None, kv_positions: jax.Array | None = None,
                        window: int | None = None, logit_softcap: float | None = None,
-                       scale: float | None = None, implementation: str | None = None,
+                       sinks: jax.Array | None = None, score: str = "softmax",
+                       sigmoid_bias: float = 0.0, scale: float | None = None,
+                       implementation: str | None = None,
                        block_q: int = 128, block_k: int = 128) -> tuple[jax.Array, jax.Array]:
     """`attention` (same arguments and mask) that also returns each query's log-sum-exp.
 
-    Returns (out [B, Tq, H, D] in q.dtype, lse float32 [B, Tq, H]), where
-    lse_i = log sum_j exp(s_ij) over the keys j visible to query i, s_ij the scaled and (with
-    `logit_softcap`) soft-capped logit; the probabilities are p_ij = exp(s_ij - lse_i). A query
-    without any visible key has lse 0 (and output 0). Forward only: not differentiable.
+    Returns (out [B, Tq, H, Dv] in q.dtype, lse float32 [B, Tq, H]), s_ij the scaled and (with
+    `logit_softcap`) soft-capped logit, j over the keys visible to query i:
+      softmax: lse_i = log(sum_j exp(s_ij) + exp(sink_h)) (no sink term without `sinks`); the
+        probabilities are p_ij = exp(s_ij - lse_i) and the sink's share is exp(sink_h - lse_i).
+        A query without any visible key has lse = sink_h (without sinks: 0) and output 0.
+      sigmoid: lse_i = log(sum_j sigmoid(s_ij + sigmoid_bias)), the log of the query's total
+        weight, so that key j's share of it is sigmoid(s_ij + sigmoid_bias) / exp(lse_i)
+        (weights are not normalised: exp(lse_i) is the total, not 1). 0 for a query that sees
+        no key.
+    Forward only: not differentiable.
     """
     return _call(OP_LSE, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
-                 logit_softcap, scale, implementation, block_q, block_k)
+                 logit_softcap, sinks, score, sigmoid_bias, scale, implementation, block_q,
+                 block_k)
 
 
 def _call(op, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
-          logit_softcap, scale, implementation, block_q, block_k):
+          logit_softcap, sinks, score, sigmoid_bias, scale, implementation, block_q, block_k):
     """Check the arguments, normalise them and dispatch `op` (OP or OP_LSE)."""
     _check(q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
-           logit_softcap, block_q, block_k)
+           logit_softcap, sinks, score, sigmoid_bias, scale, block_q, block_k)
     self_attention = kv_segment_ids is None
     if self_attention:
         kv_segment_ids, kv_positions = segment_ids, positions
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     window = None if window is None else int(window)
     logit_softcap = None if logit_softcap is None else float(logit_softcap)
+    sigmoid_bias = float(sigmoid_bias)
     signature = dispatch.signature(
         q=q, k=k, v=v, self_attention=self_attention, window=window,
-        logit_softcap=logit_softcap, block_q=block_q, block_k=block_k)
+        logit_softcap=logit_softcap, sinks=sinks is not None, score=score,
+        sigmoid_bias=sigmoid_bias, block_q=block_q, block_k=block_k)
+    # float32 statistics: the sink logits join them as they are (the cast is differentiated).
+    sinks = None if sinks is None else jnp.asarray(sinks).astype(jnp.float32)
     return dispatch.call(
         op, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions,
         implementation=implementation, signature=signature, window=window,
-        logit_softcap=logit_softcap, scale=scale, index_causal=self_attention,
+        logit_softcap=logit_softcap, scale=scale, sinks=sinks, score=score,
+        sigmoid_bias=sigmoid_bias, index_causal=self_attention,
         block_q=int(block_q), block_k=int(block_k))
 
 
 def _check(q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
-           logit_softcap, block_q, block_k) -> None:
+           logit_softcap, sinks, score, sigmoid_bias, scale, block_q, block_k) -> None:
     """Raise ValueError naming the argument when shapes or options are impossible."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, T, heads, D]; got shapes {q.shape}, {k.shape}, {v.shape}")
     b, tq, h, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got {k.shape} and {v.shape}")
     if k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"k/v {k.shape} must match q {q.shape} in batch and head dim")
+        raise ValueError(f"k {k.shape} must be [B, Tk, K, D] matching q {q.shape} in B and D")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v {v.shape} must be [B, Tk, K, Dv] with k's B, Tk, K = "
+                         f"{tuple(k.shape[:3])}")
     if h % k.shape[2]:
         raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({h})")
     if tq == 0 or k.shape[1] == 0:
@@ -141,6 +181,26 @@ def _check(q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window
         raise ValueError(f"window must be >= 1 or None, got {window}")
     if logit_softcap is not None and not logit_softcap > 0:
         raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
+    if scale is not None and not float(scale) > 0:
+        raise ValueError(f"scale must be > 0 or None (1/sqrt(D)), got {scale}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}")
+    if not isinstance(sigmoid_bias, numbers.Real) or isinstance(sigmoid_bias, bool) \
+            or not math.isfinite(sigmoid_bias):
+        raise ValueError(f"sigmoid_bias must be a finite Python float (static), got "
+                         f"{sigmoid_bias!r}")
+    if score == "softmax" and sigmoid_bias != 0:
+        raise ValueError(f"sigmoid_bias={sigmoid_bias} is only used with score='sigmoid'")
+    if sinks is not None:
+        if score == "sigmoid":
+            raise ValueError("sinks only exist for score='softmax' (a sink joins the softmax "
+                             "denominator; sigmoid weights have none)")
+        dtype = getattr(sinks, "dtype", None)
+        if tuple(getattr(sinks, "shape", ())) != (h,) or dtype is None \
+                or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"sinks must be a float array [H] = [{h}] (one logit per query "
+                             f"head); got {getattr(sinks, 'dtype', type(sinks).__name__)}"
+                             f"{list(getattr(sinks, 'shape', ()))}")
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if int(blk) != blk or blk < 1:
             raise ValueError(f"{name} must be a positive integer, got {blk}")

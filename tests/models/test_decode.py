@@ -17,6 +17,7 @@ from flax import nnx
 import layers.catalog  # noqa: F401  (registers the mixers)
 import models
 from layers import registry
+from layers.attention.config import DiffAttentionConfig, MLAConfig
 from train.config import AttentionConfig, ModelConfig, RuntimeConfig
 from layers.linear_attention.config import (DeltaNetConfig, GDNConfig, GLAConfig, HGRN2Config, LightningConfig,
                                            LinearAttnConfig, MLSTMConfig, RetentionConfig, SSDConfig)
@@ -54,11 +55,25 @@ _SPARSE = ModelConfig(
     mixers={"moba": MoBAConfig(num_heads=4, num_kv_heads=2, block_size=4, top_k=2, key_conv_size=3),
             "nsa": NSAConfig(num_heads=4, num_kv_heads=2, block_size=4, num_selected=3,
                              window=WINDOW, compression="mlp")})
+# The attention options, the other kinds of the softmax family and the identity mixer, with the
+# Block options on: gate + sinks + per-head windows (a wrapping ring and a full cache), sigmoid
+# scores + knocking heads, differential attention (windowed), MLA (its prefill decompresses the
+# latents, its single steps attend absorbed), "none" in the scanned period and as the remainder.
+_SOFTMAX_KINDS = ModelConfig(
+    vocab_size=VOCAB, d_model=32, num_layers=6, pattern=("none", "gated_sinks_mswa", "sigmoid_knock", "diff", "mla"),
+    post_norm=True, layer_scale=0.5,
+    mixers={"gated_sinks_mswa": AttentionConfig(num_heads=4, num_kv_heads=2, gate="elementwise", sinks=True,
+                                                head_windows=(WINDOW, 0)),
+            "sigmoid_knock": AttentionConfig(num_heads=2, score="sigmoid", sigmoid_length=8, knock_heads="qkv"),
+            "diff": DiffAttentionConfig(num_heads=2, num_kv_heads=1, window=WINDOW),
+            "mla": MLAConfig(num_heads=2, kv_lora_rank=32, qk_nope_head_dim=4, qk_rope_head_dim=4,
+                             v_head_dim=4)})
 # Add a case (or a name in _VARIANTS.pattern) for every new mixer config.
 CASES = {
     "attention_family": _VARIANTS,
     "linear_attention_family": _LINEAR,
     "sparse_attention_family": _SPARSE,
+    "softmax_kinds_and_block_options": _SOFTMAX_KINDS,
     # The Titans memory (chunk 4: ragged chunks) and MAC (segment 8: the prefill ends
     # mid-segment), MAG, MAL (their default configs, shrunk) in one model: one scanned period of
     # the four, then a memory layer as the remainder.

@@ -14,7 +14,7 @@ import models
 from pallas_kernels.attention.api import attention_with_lse
 from train.artifacts import LoadedRun, load_run
 from train.cli import load_config
-from train.config import apply_overrides
+from train.config import AttentionConfig, ModelConfig, apply_overrides
 from train.data import get_tokenizer
 from train.evals import diagnostics
 from train.evals.attention_stats import attention_stats, dense_attention_stats, document_first, query_mask
@@ -100,6 +100,47 @@ def test_lse_path_matches_the_dense_definition(window, softcap, block):
     np.testing.assert_array_equal(np.asarray(got["mask"]), m)
     for key in ("sink", "entropy"):
         np.testing.assert_allclose(np.asarray(got[key])[m], np.asarray(want[key])[m], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("opts", [dict(sinks=True), dict(sinks=True, window=7, logit_softcap=2.0),
+                                  dict(score="sigmoid", sigmoid_bias=-2.0),
+                                  dict(score="sigmoid", sigmoid_bias=-3.5, window=9, logit_softcap=3.0)],
+                         ids=["sinks", "sinks_window_softcap", "sigmoid", "sigmoid_window_softcap"])
+def test_score_options_match_the_dense_definition(opts):
+    """Learned sinks (their share reported apart) and sigmoid scores (shares of the query's total
+    weight), blocked against dense, GQA over packed documents with padding."""
+    seg, pos = packed()
+    kq, kk, ks = jax.random.split(jax.random.PRNGKey(5), 3)
+    q = 2.0 * jax.random.normal(kq, (2, T, 4, 16))
+    k = jax.random.normal(kk, (2, T, 2, 16))
+    opts = dict(opts)
+    if opts.pop("sinks", False):
+        opts["sinks"] = jax.random.normal(ks, (4,))
+    got = attention_stats(q, k, seg, pos, block=8, **opts)
+    want = dense_attention_stats(q, k, seg, pos, **opts)
+    m = np.asarray(want["mask"])
+    keys = ("sink", "entropy") + (("learned_sink",) if "sinks" in opts else ())
+    assert set(keys) | {"mask"} == set(got) == set(want)
+    for key in keys:
+        np.testing.assert_allclose(np.asarray(got[key])[m], np.asarray(want[key])[m], atol=2e-5, rtol=1e-5)
+
+
+def test_uniform_weights_with_a_sink_and_with_sigmoid_scores():
+    """q = 0: every visible key weighs the same. A sink of logit log(n0) then takes n0 / (n + n0)
+    and each key 1 / (n + n0); sigmoid weights sigmoid(b) are shares 1 / n whatever b."""
+    seg, pos = packed()
+    q = jnp.zeros((2, T, 2, 8))
+    k = jax.random.normal(jax.random.PRNGKey(0), (2, T, 1, 8))
+    n, n0 = visible_counts(seg, pos, None)[..., None].astype(float), 3.0
+    m = np.asarray(query_mask(seg))
+    sink = attention_stats(q, k, seg, pos, sinks=jnp.full((2,), math.log(n0)), block=8)
+    np.testing.assert_allclose(np.asarray(sink["sink"])[m], (1 / (n + n0))[m].repeat(2, 1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(sink["learned_sink"])[m], (n0 / (n + n0))[m].repeat(2, 1), rtol=1e-5)
+    ent = -(n * (1 / (n + n0)) * np.log(1 / (n + n0)) + n0 / (n + n0) * np.log(n0 / (n + n0)))
+    np.testing.assert_allclose(np.asarray(sink["entropy"])[m], ent[m].repeat(2, 1), rtol=1e-5)
+    sig = attention_stats(q, k, seg, pos, score="sigmoid", sigmoid_bias=-4.0, block=8)
+    np.testing.assert_allclose(np.asarray(sig["sink"])[m], (1 / n)[m].repeat(2, 1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(sig["entropy"])[m], np.log(n)[m].repeat(2, 1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("softcap", [None, 2.0])
@@ -209,6 +250,37 @@ def test_suite_record_has_the_documented_keys(hybrid_run):
         assert f"diagnostics/{key}" in s, key
     assert "diagnostics/sink_rate@L0" not in s  # GLA has no softmax attention
     assert s["diagnostics/max_activation"] == max(r["max_activation"] for r in res)
+
+
+def test_suite_measures_each_window_group_with_its_options():
+    """A layer with learned sinks and per-head windows (two kv heads: window 5 and full): the
+    record has the learned sink's share, and each head's numbers are those of its own window."""
+    # scan=False: layer_blocks returns the model's own block, whose sinks are set below.
+    cfg = ModelConfig(vocab_size=50, d_model=32, num_layers=1, pattern=("opt",), scan=False,
+                      mixers={"opt": AttentionConfig(num_heads=4, num_kv_heads=2, sinks=True,
+                                                     head_windows=(5, 0))})
+    model = models.build(cfg, seed=0)
+    mixer = diagnostics.layer_blocks(model)[0].mixer
+    mixer.sinks.value = jnp.asarray([0.5, -1.0, 2.0, 0.0])
+    seg, pos = packed([[20, 12], [30]], 32)
+    batch = {"inputs": jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, 50), "segment_ids": seg,
+             "positions": pos}
+    graphdef, params = nnx.split(model, nnx.Param)
+    res, summary = diagnostics.make_diagnostics(graphdef, cfg)(params, [batch])
+    rec = res[0]
+    assert len(rec["sink_rate"]) == len(rec["learned_sink_rate"]) == 4
+    assert "diagnostics/learned_sink_rate@L0" in summary
+    x = model.embed(batch["inputs"])
+    _, inter = nnx.capture(diagnostics.layer_blocks(model)[0], nnx.Intermediate)(x, positions=pos, segment_ids=seg)
+    q, k = inter["mixer"]["qk"][0]
+    sinks = mixer.sinks.value
+    for heads, kv, window in (([0, 1], [0], 5), ([2, 3], [1], None)):
+        want = attention_stats(q[:, :, heads], k[:, :, kv], seg, pos, window=window, sinks=sinks[np.array(heads)])
+        msk = np.asarray(want["mask"])[..., None]
+        n = msk.sum()
+        for key, got in (("sink", rec["sink_rate"]), ("learned_sink", rec["learned_sink_rate"])):
+            expect = (np.asarray(want[key]) * msk).sum((0, 1)) / n
+            np.testing.assert_allclose([got[h] for h in heads], expect, rtol=1e-5)
 
 
 @pytest.mark.slow  # the session's mqar run (~7 s) and one more compilation

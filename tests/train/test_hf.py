@@ -113,6 +113,68 @@ def test_unmappable_layers_are_named():
         hf_arch(two_windows)
 
 
+def _with_attn(**options) -> ModelConfig:
+    """TINY_MODEL (exportable as it is) with `options` on its full-attention layer (layer 3)."""
+    return dataclasses.replace(TINY_MODEL, mixers={**TINY_MODEL.mixers, "attn": dataclasses.replace(
+        TINY_MODEL.mixers["attn"], **options)})
+
+
+@pytest.mark.parametrize("mc,expected", [
+    (_with_attn(gate="headwise"),
+     "layer 3 (attn): gate='headwise'; Llama, Qwen3 and Ministral have no output gate"),
+    (_with_attn(gate="elementwise"), "layer 3 (attn): gate='elementwise'"),
+    (_with_attn(sinks=True), "layer 3 (attn): sinks=True; Llama, Qwen3 and Ministral have no attention sinks"),
+    (_with_attn(score="sigmoid"), "layer 3 (attn): score='sigmoid'"),
+    # an option that changes nothing unless another is set is still not at its default
+    (_with_attn(sigmoid_length=4096), "layer 3 (attn): sigmoid_length=4096"),
+    (_with_attn(knock_heads="v"), "layer 3 (attn): knock_heads='v'"),
+    (_with_attn(window=None, head_windows=(0, 8)), "layer 3 (attn): head_windows=(0, 8)"),
+    (dataclasses.replace(TINY_MODEL, post_norm=True),
+     "model.post_norm=True; Llama, Qwen3 and Ministral have no norm on the residual branches' outputs"),
+    (dataclasses.replace(TINY_MODEL, layer_scale=0.1), "model.layer_scale=0.1; Llama, Qwen3 and Ministral have no LayerScale"),
+], ids=["gate", "gate_elementwise", "sinks", "sigmoid", "sigmoid_length", "knock_heads", "head_windows",
+        "post_norm", "layer_scale"])
+def test_every_unmapped_option_is_refused_by_name(mc, expected):
+    mc.check()
+    with pytest.raises(ConfigError) as e:
+        hf_arch(mc)
+    msg = str(e.value)
+    assert msg.startswith("cannot export to Hugging Face format") and expected in msg, msg
+    assert msg.endswith("(--format safetensors exports any model)")
+    assert len(msg.splitlines()) == 3  # that one problem only
+
+
+@dataclasses.dataclass(frozen=True)
+class FutureAttention(AttentionConfig):
+    """Stands for an AttentionConfig field added after the export was written."""
+    new_option: int = 0
+
+
+def test_options_added_later_are_refused_too():
+    mc = dataclasses.replace(TINY_MODEL, mixers={**TINY_MODEL.mixers, "attn": FutureAttention(
+        num_heads=4, num_kv_heads=2)})
+    assert hf_arch(mc) == hf_arch(TINY_MODEL)  # at its default, the new field exports
+    mc = dataclasses.replace(mc, mixers={**mc.mixers, "attn": FutureAttention(
+        num_heads=4, num_kv_heads=2, new_option=3)})
+    with pytest.raises(ConfigError, match=r"layer 3 \(attn\): new_option=3; Llama, Qwen3 and Ministral have no "
+                                          r"such option \(the export does not map it\)"):
+        hf_arch(mc)
+
+
+def test_model_options_outside_the_function_do_not_block_export():
+    mc = dataclasses.replace(TINY_MODEL, z_loss=1e-4, init_std=0.01, scan=False)
+    assert hf_arch(mc) == hf_arch(TINY_MODEL)
+
+
+def test_non_attention_only_model_names_the_way_out():
+    mc = ModelConfig(vocab_size=256, d_model=64, num_layers=2, pattern=("none",), post_norm=True)
+    with pytest.raises(ConfigError) as e:
+        hf_arch(mc)
+    msg = str(e.value)
+    assert "model.post_norm=True" in msg and "layer 0 (none): mixer kind 'none' is not softmax attention" in msg
+    assert msg.endswith("(--format safetensors exports any model)")
+
+
 def test_cli_refuses_before_reading_checkpoints(tmp_path, capsys):
     mc = dataclasses.replace(TINY_MODEL, mixers={**TINY_MODEL.mixers, "attn": AttentionConfig(
         num_heads=4, num_kv_heads=2, logit_softcap=50.0)})

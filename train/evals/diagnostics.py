@@ -5,18 +5,22 @@
 
 On the run's eval batches (`train.data.make_eval_batches`, train.eval_batches of them), per layer:
 
-* softmax-attention layers (mixer kind "attention": attn, swa and any mixer declared with that
-  kind), per query head: the sink rate (mean attention probability on the first token of the
-  query's document) and the attention entropy in nats, both averaged over the queries that are
-  neither padding nor their document's first token (those see only themselves: mass 1, entropy
-  0). The math is in train/evals/attention_stats.py and forms no [T, T] array.
+* attention layers (mixer kind "attention": attn, swa and any mixer declared with that kind,
+  with any of its score options), per query head: the sink rate (mean attention share on the
+  first token of the query's document: softmax's probability, a sigmoid weight over the query's
+  total weight), the attention entropy in nats, and with learned sinks the share the sink
+  logit takes, averaged over the queries that are neither padding nor their document's first
+  token (those see only themselves: mass 1, entropy 0). Heads with different windows
+  (head_windows) are measured with their own windows. The math is in
+  train/evals/attention_stats.py and forms no [T, T] array.
 * every layer: max |x| of the residual stream after the layer ("max_activation") and of what the
   layer added to it ("max_update"), over non-padding tokens.
 
 Record: results = {"batches": n, "layers": [{"layer", "mixer" (its name in the pattern), "kind"
 (its config kind), "sink_rate" [per head] or None, "entropy" [per head] or None,
 "max_activation", "max_update", and for attention layers "queries" (queries averaged over) and
-"entropy_method" ("lse", or "blocked_softcap" for soft-capped logits)}]}; summary (`summarize`):
+"entropy_method" ("lse", or "blocked_softcap" / "blocked_sigmoid" for soft-capped logits and
+sigmoid scores), and for layers with learned sinks "learned_sink_rate" [per head]}]}; summary (`summarize`):
 diagnostics/sink_rate_mean, sink_rate_max, entropy_mean, max_activation, and per layer L
 diagnostics/sink_rate@L, entropy@L (head means; attention layers) and max_activation@L.
 
@@ -85,9 +89,8 @@ def make_batch_stats(graphdef, cfg: ModelConfig, *, implementation: str | None =
             else:
                 (y, _), inter = nnx.capture(block, nnx.Intermediate)(x, positions=pos, segment_ids=seg)
                 q, k = inter["mixer"]["qk"][0]
-                rec = attention_stats.head_sums(attention_stats.attention_stats(
-                    q, k, seg, pos, window=acfg.window, logit_softcap=acfg.logit_softcap,
-                    implementation=implementation))
+                rec = attention_stats.head_sums(_layer_stats(
+                    block.mixer.score_options(), q, k, seg, pos, implementation))
             rec["max_activation"] = jnp.where(tokens, jnp.abs(y.astype(_F32)), 0.0).max()
             rec["max_update"] = jnp.where(tokens, jnp.abs(y.astype(_F32) - x.astype(_F32)), 0.0).max()
             out.append(rec)
@@ -97,6 +100,32 @@ def make_batch_stats(graphdef, cfg: ModelConfig, *, implementation: str | None =
         return jax.tree.map(lambda a: constrain(a, (None,) * a.ndim), out)
 
     return jax.jit(stats)
+
+
+def _layer_stats(options: dict, q, k, seg, pos, implementation) -> dict:
+    """attention_stats of one attention layer with its score options (the mixer's
+    `score_options()`: score, sigmoid_bias, sinks, logit_softcap, kv_head_windows), one call
+    per distinct window of its kv heads, the per-head results put back in head order."""
+    windows = options["kv_head_windows"]
+    groups: dict = {}
+    for j, w in enumerate(windows):
+        groups.setdefault(w, []).append(j)
+    g = q.shape[2] // k.shape[2]
+    heads, parts = [], []
+    for w, kv in groups.items():
+        qh = np.array([j * g + i for j in kv for i in range(g)])
+        sinks = None if options["sinks"] is None else options["sinks"][qh]
+        parts.append(attention_stats.attention_stats(
+            q[:, :, qh], k[:, :, np.array(kv)], seg, pos, window=w,
+            logit_softcap=options["logit_softcap"], score=options["score"],
+            sigmoid_bias=options["sigmoid_bias"], sinks=sinks, implementation=implementation))
+        heads.append(qh)
+    if len(parts) == 1:
+        return parts[0]
+    back = np.argsort(np.concatenate(heads))  # head order from group order
+    return {key: (parts[0][key] if key == "mask" else
+                  jnp.concatenate([p[key] for p in parts], axis=-1)[..., back])
+            for key in parts[0]}
 
 
 def make_diagnostics(graphdef, cfg: ModelConfig, *, implementation: str | None = None) -> Callable:
@@ -135,10 +164,13 @@ def _results(cfg: ModelConfig, totals: list[dict]) -> list[dict]:
             if n > 0:
                 rec["sink_rate"] = [_finite(v / n) for v in t["sink_sum"]]
                 rec["entropy"] = [_finite(v / n) for v in t["entropy_sum"]]
+                if "learned_sink_sum" in t:
+                    rec["learned_sink_rate"] = [_finite(v / n) for v in t["learned_sink_sum"]]
             rec["queries"] = int(n)
             # Without a soft-cap the entropy comes from the lse and attention with v = k; with
             # one, from a second blocked pass (neither forms [T, T]).
-            rec["entropy_method"] = "lse" if acfg.logit_softcap is None else "blocked_softcap"
+            rec["entropy_method"] = ("blocked_sigmoid" if acfg.score == "sigmoid" else
+                                     "lse" if acfg.logit_softcap is None else "blocked_softcap")
         rec["max_activation"] = _finite(t["max_activation"])
         rec["max_update"] = _finite(t["max_update"])
         out.append(rec)
@@ -163,6 +195,9 @@ def summarize(results: list[dict]) -> dict[str, float]:
         out[f"{SUITE}/max_activation"] = float(max(r["max_activation"] for r in act))
     for r in sink:
         out[f"{SUITE}/sink_rate@L{r['layer']}"] = float(np.mean(r["sink_rate"]))
+    for r in results:
+        if r.get("learned_sink_rate") and None not in r["learned_sink_rate"]:
+            out[f"{SUITE}/learned_sink_rate@L{r['layer']}"] = float(np.mean(r["learned_sink_rate"]))
     for r in ent:
         out[f"{SUITE}/entropy@L{r['layer']}"] = float(np.mean(r["entropy"]))
     for r in act:

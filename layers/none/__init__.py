@@ -1,0 +1,1 @@
+"""The identity mixer (kind "none"): the control of ablations."""
