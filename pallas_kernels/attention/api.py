@@ -23,20 +23,19 @@ Implementations ("xla": blocked, memory-efficient; "reference": dense) are chose
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
 from pallas_kernels.attention import reference, xla
+from pallas_kernels.scores import check_score_options
 
 OP = "attention"
 # Forward only, also returning the per-query log-sum-exp (attention statistics, e.g. the
 # sink rate and entropy of train/evals/diagnostics.py). A separate op, so that the training
 # op's contract, outputs and choice stay exactly as they are.
 OP_LSE = "attention_with_lse"
-SCORES = ("softmax", "sigmoid")
 
 dispatch.register(OP, "xla", xla.attention)
 dispatch.register(OP, "reference", reference.attention)
@@ -183,24 +182,7 @@ def _check(q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window
         raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
     if scale is not None and not float(scale) > 0:
         raise ValueError(f"scale must be > 0 or None (1/sqrt(D)), got {scale}")
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}")
-    if not isinstance(sigmoid_bias, numbers.Real) or isinstance(sigmoid_bias, bool) \
-            or not math.isfinite(sigmoid_bias):
-        raise ValueError(f"sigmoid_bias must be a finite Python float (static), got "
-                         f"{sigmoid_bias!r}")
-    if score == "softmax" and sigmoid_bias != 0:
-        raise ValueError(f"sigmoid_bias={sigmoid_bias} is only used with score='sigmoid'")
-    if sinks is not None:
-        if score == "sigmoid":
-            raise ValueError("sinks only exist for score='softmax' (a sink joins the softmax "
-                             "denominator; sigmoid weights have none)")
-        dtype = getattr(sinks, "dtype", None)
-        if tuple(getattr(sinks, "shape", ())) != (h,) or dtype is None \
-                or not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"sinks must be a float array [H] = [{h}] (one logit per query "
-                             f"head); got {getattr(sinks, 'dtype', type(sinks).__name__)}"
-                             f"{list(getattr(sinks, 'shape', ()))}")
+    check_score_options(score, sigmoid_bias, sinks, h)
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if int(blk) != blk or blk < 1:
             raise ValueError(f"{name} must be a positive integer, got {blk}")

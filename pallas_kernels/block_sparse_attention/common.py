@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention.layout import validate
+from pallas_kernels.scores import check_score_options
 
 F32 = jnp.float32
-SCORES = ("softmax", "sigmoid")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -65,27 +65,11 @@ def check(q, k, v, layout, segment_ids, kv_segment_ids, *, score, sigmoid_bias, 
     if segment_ids is not None and kv_segment_ids is None and tq != tk:
         raise ValueError(f"kv_segment_ids is None, which reuses segment_ids for the keys, but "
                          f"Tq = {tq} != Tk = {tk}: pass kv_segment_ids [B, Tk]")
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}")
-    if not isinstance(sigmoid_bias, numbers.Real) or isinstance(sigmoid_bias, bool) \
-            or not math.isfinite(sigmoid_bias):
-        raise ValueError(f"sigmoid_bias must be a finite Python float (static), got "
-                         f"{sigmoid_bias!r}")
-    if score == "softmax" and sigmoid_bias != 0:
-        raise ValueError(f"sigmoid_bias={sigmoid_bias} is only used with score='sigmoid'")
+    check_score_options(score, sigmoid_bias, sinks, h)
     if logit_softcap is not None and not (isinstance(logit_softcap, numbers.Real)
                                           and 0 < logit_softcap < math.inf):
         raise ValueError(f"logit_softcap must be None or a finite float > 0, got "
                          f"{logit_softcap!r}")
-    if sinks is not None:
-        if score == "sigmoid":
-            raise ValueError("sinks only exist for score='softmax' (a sink joins the softmax "
-                             "denominator; sigmoid weights have none)")
-        if tuple(getattr(sinks, "shape", ())) != (h,) \
-                or not jnp.issubdtype(sinks.dtype, jnp.floating):
-            raise ValueError(f"sinks must be a float array [H] = [{h}] (one logit per query "
-                             f"head); got {getattr(sinks, 'dtype', type(sinks).__name__)}"
-                             f"{list(getattr(sinks, 'shape', ()))}")
     if scale is not None and not float(scale) > 0:
         raise ValueError(f"scale must be > 0 or None (1/sqrt(D)), got {scale}")
 

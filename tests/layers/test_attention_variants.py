@@ -449,3 +449,32 @@ def test_lm_with_gated_sink_attention_and_swa_trains(trains_briefly):
         "model.mixers.attn.sinks=true", "model.mixers.swa.num_heads=2",
         "model.mixers.swa.window=8"], steps=8)
     assert "gate=headwise" in log and "sinks" in log and "window=8" in log
+
+
+# ----------------------------------------------------------------------------- GPU lowering
+
+def test_gated_sink_layer_with_head_windows_lowers_to_pallas_triton_for_h100():
+    """A dense layer with a gate, sinks and per-head windows (one local, one global kv head),
+    trained through runtime.attention_impl="block_sparse" with sparse_attention_impl="gpu":
+    its forward and gradient lower for an H100 to the Pallas Triton kernels (fwd, dq, dkv per
+    window group), on this CPU-only host (pallas_kernels/lowering.py)."""
+    from pallas_kernels import lowering
+    if lowering.available():
+        pytest.skip(lowering.available())
+    cfg = AttentionConfig(num_heads=4, num_kv_heads=2, sinks=True, gate="elementwise",
+                          head_windows=(128, 0))
+    rt = RuntimeConfig(compute_dtype="bfloat16", attention_impl="block_sparse",
+                       attention_block_q=64, attention_block_k=64, sparse_attention_impl="gpu")
+    ctx = LayerContext(d_model=256, dtype=jnp.bfloat16, runtime=rt, init_std=0.02, out_std=0.02)
+    graphdef, params = nnx.split(Attention(cfg, ctx, rngs=nnx.Rngs(params=0)))
+    t = 320
+    ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, t))
+
+    def loss(params, x):
+        y, _ = nnx.merge(graphdef, params)(x, positions=ids, segment_ids=jnp.ones_like(ids))
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    x = jax.ShapeDtypeStruct((1, t, 256), jnp.bfloat16)
+    kernels = [k.name for k in lowering.triton_kernels(jax.grad(loss), params, x)]
+    assert sorted(kernels) == sorted(["block_sparse_attention_fwd", "block_sparse_attention_dq",
+                                      "block_sparse_attention_dkv"] * 2), kernels
