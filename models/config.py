@@ -44,8 +44,8 @@ class ModelConfig:
     # Block options (models/block.py), for any mixer. post_norm: "hybrid-norm" / sandwich norm,
     # an RMSNorm on each residual branch's output before it is added. layer_scale: LayerScale
     # (Touvron et al. 2021, CaiT), a learnable per-channel vector initialised to this value
-    # multiplying each branch's output; None: off. Sigmoid attention needs one of them
-    # (AttentionConfig.score).
+    # multiplying each branch's output; None: off. The sigmoid-attention paper pairs its
+    # score (AttentionConfig.score) with one of them.
     post_norm: bool = False
     layer_scale: float | None = None
 

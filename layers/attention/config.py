@@ -88,8 +88,9 @@ class AttentionConfig(HeadsConfig):
         if self.sinks and self.score != "softmax":
             raise ConfigError(f"{where}.sinks=true needs {where}.score='softmax' (a sink joins the "
                               f"softmax denominator; sigmoid weights have none)")
-        if self.score == "softmax" and self.sigmoid_bias is not None:
-            raise ConfigError(f"{where}.sigmoid_bias is only used with {where}.score='sigmoid'")
+        if self.score == "softmax" and (self.sigmoid_bias is not None or self.sigmoid_length != 1024):
+            field = "sigmoid_bias" if self.sigmoid_bias is not None else "sigmoid_length"
+            raise ConfigError(f"{where}.{field} is only used with {where}.score='sigmoid'")
         if self.sigmoid_bias is not None and not math.isfinite(self.sigmoid_bias):
             raise ConfigError(f"{where}.sigmoid_bias must be finite or None, got {self.sigmoid_bias}")
         if self.sigmoid_length < 1:

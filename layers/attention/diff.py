@@ -27,7 +27,8 @@ swa only: here it means the op's automatic choice. Decode keeps a KV cache of k 
 and v [B, S, K, 2 D] (layers/kv_cache.py), a ring buffer of `window` slots when windowed. The
 difference, the head norm and the scale are computed in float32.
 
-The q and k handed to attention are sown as "qk" (as the attention mixer does) with the two
+The q and k handed to attention are sown as "qk" for nnx.capture (as the attention mixer does;
+the diagnostics suite measures kind "attention" layers only) with the two
 maps stacked along heads: q [B, T, 2 H, D] = [Q1 heads; Q2 heads], k [B, T, 2 K, D] =
 [K1 heads; K2 heads], so that ordinary GQA indexing pairs each query with its own keys.
 
@@ -53,9 +54,9 @@ from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
 from layers.rope import apply_rope
 from layers.sharding import constrain, param
+from layers.attention.mixer import HEADS, mean_visible
 from pallas_kernels.attention.api import attention
 
-HEADS = ("batch", "seq", "act_heads", None)  # [B, T, heads, D] activations
 PAIRS = ("batch", "seq", "act_heads", None, None)  # [B, T, heads, 2, D]: a head's two maps
 LAMBDA_STD = 0.1  # std of the lambda re-parameterisation vectors (the paper's init)
 
@@ -148,8 +149,7 @@ class DiffAttention(nnx.Module):
         """
         hd, h, kvh = cfg.dim_per_head(d_model), cfg.num_heads, cfg.kv_heads
         proj = 2 * d_model * (2 * h * hd + 2 * kvh * hd + 2 * kvh * hd + 2 * h * hd)
-        w = seq_len if cfg.window is None else min(cfg.window, seq_len)
-        visible = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+        visible = mean_visible(cfg.window, seq_len)
         scores = 2 * (2 * h * hd + 2 * h * 2 * hd) * visible  # two maps: QK^T (D) + AV (2 D)
         return 3.0 * (proj + scores)
 

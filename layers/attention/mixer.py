@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from layers.conv import CausalConv1d
@@ -110,8 +111,11 @@ def init_head_projections(m: nnx.Module, cfg: HeadsConfig, ctx: LayerContext, rn
 
 
 def head_matmul(x: jax.Array, t: jax.Array) -> jax.Array:
-    """x [B, T, N, D] @ t [D, D] for every head (as one 2-D matmul, in x.dtype)."""
-    return (x.reshape(-1, x.shape[-1]) @ t.astype(x.dtype)).reshape(x.shape)
+    """x [B, T, N, D] @ t [D, D] for every head (as one 2-D matmul), in float32 and back to
+    x.dtype: t stays near the identity, whose small learned changes bfloat16 would round away
+    (its spacing near 1 is 2^-7), as the RMSNorm scales are kept float32 for."""
+    y = x.reshape(-1, x.shape[-1]).astype(F32) @ t.astype(F32)
+    return y.reshape(x.shape).astype(x.dtype)
 
 
 def project_heads(m: nnx.Module, x: jax.Array, positions: jax.Array, k: jax.Array | None = None,
@@ -277,8 +281,8 @@ class Attention(nnx.Module):
         if len(outs) == 1:  # one group holds every head, in order
             return outs[0]
         order = [h for _, _, qidx in self.groups for h in qidx]  # head at each concatenated slot
-        inverse = tuple(sorted(range(self.heads), key=order.index))
-        return _take(jnp.concatenate(outs, axis=2), inverse)
+        slot_of_head = tuple(int(i) for i in np.argsort(order))  # the inverse permutation
+        return constrain(_take(jnp.concatenate(outs, axis=2), slot_of_head), HEADS)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
         """A sliding-window layer keeps only `window` slots (a ring buffer); with head_windows,

@@ -70,9 +70,9 @@ from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
 from layers.rope import apply_rope
 from layers.sharding import constrain
+from layers.attention.mixer import HEADS, mean_visible
 from pallas_kernels.attention.api import attention
 
-HEADS = ("batch", "seq", "act_heads", None)  # [B, T, heads, D] activations
 LATENT = ("batch", "seq", None)  # [B, T, r] latents (not split by heads)
 
 
@@ -174,8 +174,8 @@ class MLA(nnx.Module):
         w = self._w_kv_b()
         if cache is None:
             o, (q, k) = expanded_attention(q_nope, q_rope, c_kv, k_rope, w, **kw)
-            # q and k as attention sees them (the attention mixer's diagnostics hook; a no-op
-            # outside nnx.capture).
+            # q and k as attention sees them, for nnx.capture (a no-op outside it), as the
+            # attention mixer sows them; the diagnostics suite measures kind "attention" only.
             self.sow(nnx.Intermediate, "qk", (q, k), capture_noop=True)
         else:
             # The cache is kv_cache's with one kv head: "k" holds c_kv [B, S, 1, r] and "v"
@@ -206,7 +206,7 @@ class MLA(nnx.Module):
         h, qr = cfg.num_heads, cfg.q_lora_rank
         q = d_model * h * (n + p) if qr is None else d_model * qr + qr * h * (n + p)
         proj = 2 * (q + d_model * (r + p) + r * h * (n + v) + h * v * d_model)
-        visible = (seq_len + 1) / 2
+        visible = mean_visible(None, seq_len)
         scores = 2 * h * (n + p + v) * visible
         return 3.0 * (proj + scores)
 

@@ -197,6 +197,8 @@ OPTIONS = {
     "sigmoid_default_bias": dict(score="sigmoid", sigmoid_length=8),
     # kv heads 0 and 2 share a window: a group that is not contiguous in head order
     "head_windows": dict(num_heads=6, num_kv_heads=3, head_dim=8, head_windows=(3, 0, 3)),
+    # groups [0, 3] and [1, 2]: head order (0, 3, 1, 2) is not its own inverse
+    "head_windows_permuted": dict(num_heads=4, num_kv_heads=4, head_dim=8, head_windows=(3, 0, 0, 3)),
     "knock_v": dict(knock_heads="v"),
     "knock_qkv": dict(knock_heads="qkv", qk_norm=True),
     "all_softmax": dict(num_heads=6, num_kv_heads=3, head_dim=8, head_windows=(0, 2, 0),
@@ -316,7 +318,7 @@ DECODE = {  # the first two cover every option in the default tier
     "sinks": dict(sinks=True),
     "knock_v": dict(knock_heads="v"),
     "windows_sigmoid": dict(head_windows=(0, 2), score="sigmoid"),
-    "windows_mha_groups": dict(num_heads=4, num_kv_heads=4, head_windows=(0, 2, 0, 5)),
+    "windows_mha_groups": dict(num_heads=4, num_kv_heads=4, head_windows=(0, 2, 2, 0)),
 }
 DEFAULT_DECODE = ("windows_gate_knock_sinks_conv", "sigmoid_gate")
 
@@ -428,6 +430,7 @@ def test_describe_names_every_option_and_kernel():
     (dict(knock_heads="k"), "m.knock_heads"),
     (dict(sinks=True, score="sigmoid"), "m.sinks"),
     (dict(sigmoid_bias=-1.0), "m.sigmoid_bias"),
+    (dict(sigmoid_length=64), "m.sigmoid_length"),
     (dict(score="sigmoid", sigmoid_bias=float("nan")), "m.sigmoid_bias"),
     (dict(score="sigmoid", sigmoid_length=0), "m.sigmoid_length"),
     (dict(head_windows=(4, 0), window=8), "m.head_windows"),

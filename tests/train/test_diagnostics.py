@@ -253,12 +253,13 @@ def test_suite_record_has_the_documented_keys(hybrid_run):
 
 
 def test_suite_measures_each_window_group_with_its_options():
-    """A layer with learned sinks and per-head windows (two kv heads: window 5 and full): the
-    record has the learned sink's share, and each head's numbers are those of its own window."""
+    """A layer with learned sinks and per-head windows (kv heads 0 and 3: window 5, 1 and 2:
+    full, so the group order 0, 3, 1, 2 must be undone): the record has the learned sink's
+    share, and each head's numbers are those of its own window."""
     # scan=False: layer_blocks returns the model's own block, whose sinks are set below.
     cfg = ModelConfig(vocab_size=50, d_model=32, num_layers=1, pattern=("opt",), scan=False,
-                      mixers={"opt": AttentionConfig(num_heads=4, num_kv_heads=2, sinks=True,
-                                                     head_windows=(5, 0))})
+                      mixers={"opt": AttentionConfig(num_heads=4, num_kv_heads=4, sinks=True,
+                                                     head_windows=(5, 0, 0, 5))})
     model = models.build(cfg, seed=0)
     mixer = diagnostics.layer_blocks(model)[0].mixer
     mixer.sinks.value = jnp.asarray([0.5, -1.0, 2.0, 0.0])
@@ -274,7 +275,7 @@ def test_suite_measures_each_window_group_with_its_options():
     _, inter = nnx.capture(diagnostics.layer_blocks(model)[0], nnx.Intermediate)(x, positions=pos, segment_ids=seg)
     q, k = inter["mixer"]["qk"][0]
     sinks = mixer.sinks.value
-    for heads, kv, window in (([0, 1], [0], 5), ([2, 3], [1], None)):
+    for heads, kv, window in (([0, 3], [0, 3], 5), ([1, 2], [1, 2], None)):
         want = attention_stats(q[:, :, heads], k[:, :, kv], seg, pos, window=window, sinks=sinks[np.array(heads)])
         msk = np.asarray(want["mask"])[..., None]
         n = msk.sum()

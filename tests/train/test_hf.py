@@ -125,14 +125,12 @@ def _with_attn(**options) -> ModelConfig:
     (_with_attn(gate="elementwise"), "layer 3 (attn): gate='elementwise'"),
     (_with_attn(sinks=True), "layer 3 (attn): sinks=True; Llama, Qwen3 and Ministral have no attention sinks"),
     (_with_attn(score="sigmoid"), "layer 3 (attn): score='sigmoid'"),
-    # an option that changes nothing unless another is set is still not at its default
-    (_with_attn(sigmoid_length=4096), "layer 3 (attn): sigmoid_length=4096"),
     (_with_attn(knock_heads="v"), "layer 3 (attn): knock_heads='v'"),
     (_with_attn(window=None, head_windows=(0, 8)), "layer 3 (attn): head_windows=(0, 8)"),
     (dataclasses.replace(TINY_MODEL, post_norm=True),
      "model.post_norm=True; Llama, Qwen3 and Ministral have no norm on the residual branches' outputs"),
     (dataclasses.replace(TINY_MODEL, layer_scale=0.1), "model.layer_scale=0.1; Llama, Qwen3 and Ministral have no LayerScale"),
-], ids=["gate", "gate_elementwise", "sinks", "sigmoid", "sigmoid_length", "knock_heads", "head_windows",
+], ids=["gate", "gate_elementwise", "sinks", "sigmoid", "knock_heads", "head_windows",
         "post_norm", "layer_scale"])
 def test_every_unmapped_option_is_refused_by_name(mc, expected):
     mc.check()

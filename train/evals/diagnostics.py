@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from layers.sharding import RESIDUAL, constrain
+from layers.attention.mixer import window_groups
 from train.config import AttentionConfig, ModelConfig
 from train.evals import attention_stats
 
@@ -106,14 +107,9 @@ def _layer_stats(options: dict, q, k, seg, pos, implementation) -> dict:
     """attention_stats of one attention layer with its score options (the mixer's
     `score_options()`: score, sigmoid_bias, sinks, logit_softcap, kv_head_windows), one call
     per distinct window of its kv heads, the per-head results put back in head order."""
-    windows = options["kv_head_windows"]
-    groups: dict = {}
-    for j, w in enumerate(windows):
-        groups.setdefault(w, []).append(j)
-    g = q.shape[2] // k.shape[2]
     heads, parts = [], []
-    for w, kv in groups.items():
-        qh = np.array([j * g + i for j in kv for i in range(g)])
+    for w, kv, qh in window_groups(options["kv_head_windows"], q.shape[2]):
+        qh = np.array(qh)
         sinks = None if options["sinks"] is None else options["sinks"][qh]
         parts.append(attention_stats.attention_stats(
             q[:, :, qh], k[:, :, np.array(kv)], seg, pos, window=w,
