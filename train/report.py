@@ -368,16 +368,16 @@ def _attention_by_layer(plt, rows, path) -> Path | None:
             panels.append((name, label, lines))
     if not panels:
         return None
+    colour = {g: f"C{i}" for i, g in enumerate(sorted({g for *_, lines in panels for g in lines}))}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
     for ax, (name, label, lines) in zip(axes.flat, panels):
-        for i, (g, by_layer) in enumerate(sorted(lines.items())):
+        for g, by_layer in sorted(lines.items()):
             xs = sorted(by_layer)
-            ax.plot(xs, [sum(by_layer[x]) / len(by_layer[x]) for x in xs], marker="o", color=f"C{i}", label=g)
+            ax.plot(xs, [sum(by_layer[x]) / len(by_layer[x]) for x in xs], marker="o", color=colour[g], label=g)
         ax.set_xlabel("layer")
         ax.set_xticks(sorted({x for by in lines.values() for x in by}))
         ax.set_ylabel(label)
-        if name != "entropy":
-            ax.set_ylim(-0.02, 1.02)
+        ax.set_ylim(bottom=0)  # shares and entropies are >= 0; the top follows the data
         ax.set_title(f"diagnostics/{name}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
