@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 from train.config import ConfigError
@@ -50,7 +51,14 @@ class RunLock:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            # The holder writes its record right after taking the lock: a start that races it
+            # can find the file still empty, so give it a moment before naming no one.
             holder = self._read_holder()
+            for _ in range(40):
+                if holder:
+                    break
+                time.sleep(0.05)
+                holder = self._read_holder()
             os.close(self._fd)
             self._fd = None
             who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (since {holder.get('since', '?')})"
@@ -64,8 +72,9 @@ class RunLock:
                         stale.get("since"))
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "since": datetime.datetime.now().isoformat(timespec="seconds")}
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, json.dumps(me).encode(), 0)
+        record = json.dumps(me).encode()
+        os.pwrite(self._fd, record, 0)  # then cut what is left of a longer stale record:
+        os.ftruncate(self._fd, len(record))  # the file is never empty while held
         return self
 
     def release(self) -> None:

@@ -117,7 +117,7 @@ def _forward(m, x, pos, seg):
     return m(x, positions=pos, segment_ids=seg)
 
 
-@pytest.mark.parametrize("cfg", [GQA, WIN], ids=["gqa-qknorm", "window-mqa"])
+@pytest.mark.parametrize("cfg", [GQA, pytest.param(WIN, marks=pytest.mark.slow)], ids=["gqa-qknorm", "window-mqa"])
 def test_forward_equals_numpy_loop(cfg):
     """Through the blocked "xla" op (the "reference" op: test_decode_equals_parallel)."""
     m = _mixer(cfg)

@@ -293,6 +293,7 @@ def _tokens():
     return tok, jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), tok.shape), jnp.ones(tok.shape, jnp.int32)
 
 
+@pytest.mark.slow  # ~10 s; the default tier runs MLA in a model in tests/models/test_decode.py
 def test_lm_with_mla_and_attention_builds_and_trains():
     LM_CFG.check()
     model = models.build(LM_CFG, LM_RT)

@@ -77,7 +77,9 @@ def _hand_block(blk, x, pos, seg, post_norm, layer_scale):
     return x + m
 
 
-@pytest.mark.parametrize("option", list(OPTIONS))
+# Both options together in the default tier; each alone in the slow tier.
+@pytest.mark.parametrize("option", [o if o == "both" else pytest.param(o, marks=pytest.mark.slow)
+                                    for o in OPTIONS])
 def test_block_equals_hand_written(option):
     cfg = ModelConfig(vocab_size=VOCAB, d_model=D, num_layers=1, pattern=("lin",), mixers=LIN, **OPTIONS[option])
     blk = Block("lin", cfg, _ctx(cfg), rngs=nnx.Rngs(params=0))
@@ -152,6 +154,7 @@ def test_options_parse_from_the_command_line():
         apply_overrides(load_config("tiny"), ["model.layer_scale=-1"])
 
 
+@pytest.mark.slow  # the default tier decodes both options (and none layers) in tests/models/test_decode.py
 def test_decode_with_options_equals_parallel():
     """A scanned period (none, lin) plus a remainder none layer, both options on with random
     vectors: single tokens through the caches give the full forward's logits (prefills of
@@ -220,6 +223,7 @@ def test_none_mixer_returns_zeros_and_keeps_its_cache(dtype):
     assert models.flops_per_token(cfg, 128)["none"] == 0
 
 
+@pytest.mark.slow  # the default tier runs none layers in a model in tests/models/test_decode.py
 def test_lm_with_a_none_layer_trains():
     """("none", "attn") over 3 layers (a scanned period, then a none layer): the loss falls, and
     the none layers' mixer contributes exactly nothing: their mixer pre-norm scales get zero
