@@ -262,7 +262,7 @@ def test_suite_measures_each_window_group_with_its_options():
                                                      head_windows=(5, 0, 0, 5))})
     model = models.build(cfg, seed=0)
     mixer = diagnostics.layer_blocks(model)[0].mixer
-    mixer.sinks.value = jnp.asarray([0.5, -1.0, 2.0, 0.0])
+    mixer.sinks[...] = jnp.asarray([0.5, -1.0, 2.0, 0.0])
     seg, pos = packed([[20, 12], [30]], 32)
     batch = {"inputs": jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, 50), "segment_ids": seg,
              "positions": pos}
@@ -274,7 +274,7 @@ def test_suite_measures_each_window_group_with_its_options():
     x = model.embed(batch["inputs"])
     _, inter = nnx.capture(diagnostics.layer_blocks(model)[0], nnx.Intermediate)(x, positions=pos, segment_ids=seg)
     q, k = inter["mixer"]["qk"][0]
-    sinks = mixer.sinks.value
+    sinks = mixer.sinks[...]
     for heads, kv, window in (([0, 3], [0, 3], 5), ([1, 2], [1, 2], None)):
         want = attention_stats(q[:, :, heads], k[:, :, kv], seg, pos, window=window, sinks=sinks[np.array(heads)])
         msk = np.asarray(want["mask"])[..., None]
