@@ -322,7 +322,7 @@ class Attention(nnx.Module):
 
     def describe(self) -> str:
         c = self.cfg
-        parts = [f"softmax attention H={self.heads} KV={self.kv_heads} D={self.head_dim}"]
+        parts = [f"{c.score} attention H={self.heads} KV={self.kv_heads} D={self.head_dim}"]
         if c.head_windows:
             wins = ", ".join("full" if w == 0 else str(w) for w in c.head_windows)
             parts.append(f"head_windows=[{wins}] ({len(self.groups)} groups)")
