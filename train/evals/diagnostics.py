@@ -22,7 +22,8 @@ Record: results = {"batches": n, "layers": [{"layer", "mixer" (its name in the p
 "entropy_method" ("lse", or "blocked_softcap" / "blocked_sigmoid" for soft-capped logits and
 sigmoid scores), and for layers with learned sinks "learned_sink_rate" [per head]}]}; summary (`summarize`):
 diagnostics/sink_rate_mean, sink_rate_max, entropy_mean, max_activation, and per layer L
-diagnostics/sink_rate@L, entropy@L (head means; attention layers) and max_activation@L.
+diagnostics/sink_rate@L, entropy@L (head means; attention layers), learned_sink_rate@L (layers
+with learned sinks) and max_activation@L.
 
 The model is run layer by layer (scanned periods sliced out of the stacked params, one jitted
 function for all batches); each attention layer's q and k, after qk-norm and RoPE, are read
