@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from layers.config import (DEFAULT_MIXERS, ConfigError, HeadsConfig, MixerConfig, check_literals,
+from layers.config import (DEFAULT_MIXERS, ConfigError, HeadsConfig, MixerConfig,
                            register_mixer_config)
 
 __all__ = ["AttentionConfig", "DiffAttentionConfig", "MLAConfig"]
