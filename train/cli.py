@@ -87,6 +87,16 @@ def parse_args(argv: list[str]) -> tuple[Config, Path, bool]:
     return cfg, run_dir, args.from_scratch
 
 
+def _silence_shutdown_noise() -> None:
+    """After a failed save, orbax's abandoned read/write coroutines are collected at interpreter
+    exit and print "Exception ignored in <coroutine ...>" and tracemalloc hints below our one-line
+    error. The failure is already reported (and the run directory checked), so that noise is
+    dropped rather than left as the last thing the user reads."""
+    import warnings
+    sys.unraisablehook = lambda unraisable: None
+    warnings.simplefilter("ignore")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, run_dir, from_scratch = parse_args(sys.argv[1:] if argv is None else argv)
@@ -105,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointSaveError as e:
         print(f"training stopped: {e}. Free space (or fix the cause) and run the same command to resume",
               file=sys.stderr)
+        _silence_shutdown_noise()
         return EXIT_SAVE_FAILED
     except CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)
