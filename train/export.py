@@ -201,7 +201,7 @@ def export_run(run_dir: str | Path, fmt: str = "safetensors", step: int | None =
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
     if fmt == "hf":  # refuse before the (possibly long) checkpoint read
-        hf.hf_arch(load_config(run_dir).model)
+        hf.choose_arch(load_config(run_dir).model)
     run = load_run(run_dir, step)
     out = Path(out) if out is not None else run_dir / "export" / f"{fmt}-step{run.step}"
     out.mkdir(parents=True, exist_ok=True)
