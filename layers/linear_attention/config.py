@@ -238,13 +238,18 @@ class HGRN2Config(MixerConfig):
 @register_mixer_config
 @dataclass(frozen=True)
 class MLSTMConfig(MixerConfig):
-    """mLSTM with a sigmoid input gate (mLSTMsig), xLSTM-7B layer layout: q/k width
-    expand_qk * d_model, v width expand_v * d_model, per-head scalar gates soft-capped at
-    gate_soft_cap, normaliser max(|q n|, 1), per-head RMSNorm, sigmoid output gate."""
+    """mLSTM, xLSTM-7B layer layout: q/k width expand_qk * d_model, v width expand_v * d_model,
+    per-head scalar gates soft-capped at gate_soft_cap, normaliser max(|q n|, 1), per-head
+    norm, sigmoid output gate. input_gate: "sigmoid" (mLSTMsig, TFLA) or "exp" (the original
+    exponential gate, as xLSTM 7B; bias -10 there). output_norm: "rms" (RMSNorm, one [V] scale
+    shared by the heads) or "layernorm" (per-head LayerNorm with a scale per head and channel,
+    [H * V], as xLSTM 7B's multi-head norm)."""
     kind: ClassVar[str] = "mlstm"
     num_heads: int = 4
     expand_qk: float = 0.5
     expand_v: float = 1.0
+    input_gate: Literal["sigmoid", "exp"] = "sigmoid"
+    output_norm: Literal["rms", "layernorm"] = "rms"
     gate_soft_cap: float | None = 15.0
     igate_bias_init: float = 0.0
     fgate_bias_init_min: float = 3.0
@@ -252,6 +257,7 @@ class MLSTMConfig(MixerConfig):
     conv_size: int = 0
 
     def check(self, d_model: int, where: str) -> None:
+        check_literals(self, where)
         _heads(self, where)
         head_width(d_model, self.expand_qk, self.num_heads, where, "expand_qk")
         head_width(d_model, self.expand_v, self.num_heads, where, "expand_v")

@@ -20,6 +20,15 @@ Why sigmoid: the original mLSTM's exponential input gate needs a running-max sta
 With i_t = sigmoid(.) in (0, 1) no stabiliser is needed and the cell is exactly gated linear
 attention with a normaliser, which TFLA reports as fast and as good as mLSTMexp.
 
+`input_gate="exp"` is the original exponential input gate, i_t = exp(i~_t), without the
+running-max stabiliser: the stabilised cell keeps C_t e^{-m_t} and n_t e^{-m_t} and divides by
+max(|q.n| e^{-m_t}, e^{-m_t}), which is exactly the unstabilised h_t above (the e^{-m_t} cancels)
+except that its eps is scaled by e^{m_t}. Without the stabiliser, the soft cap keeps exp(i~) <=
+e^{15} = 3.3e6, so the float32 state stays in range for any practical length; it is what
+transformers' xLSTM (and xLSTM 7B) computes, and exports to it. `output_norm="layernorm"` is
+xLSTM 7B's multi-head LayerNorm (mean-centred, a scale per head and channel) in place of the
+per-head RMSNorm with one shared [V] scale.
+
 Faithful (xLSTM 7B's mLSTM layer): q/k of width d/2, v of width d, per-head scalar gates from
 linear projections with biases, soft-capped at 15, forget-gate bias initialised linspace(3, 6)
 over heads, the max(|q.n|, 1) normaliser (eps 1e-6), multi-head RMSNorm, sigmoid output gate
@@ -50,6 +59,22 @@ def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
+class HeadLayerNorm(nnx.Module):
+    """LayerNorm of each head's [V] output (mean removed, biased variance, float32 statistics)
+    with its own scale per head and channel, [H * V], no bias: xLSTM 7B's multi-head norm."""
+
+    def __init__(self, heads: int, width: int, *, eps: float):
+        self.scale = param(jnp.ones((heads * width,), F32), ("heads",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, H, V] -> [B, T, H, V] in x.dtype."""
+        xf = x.astype(F32)
+        xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].reshape(x.shape[-2:])).astype(x.dtype)
+
+
 @register_mixer(MLSTMConfig)
 class MLSTM(LinearAttentionMixer):
     def __init__(self, cfg: MLSTMConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
@@ -67,7 +92,8 @@ class MLSTM(LinearAttentionMixer):
         self.ig_bias = param(jnp.full((h,), cfg.igate_bias_init, F32), ("heads",))
         self.fg_bias = param(jnp.linspace(cfg.fgate_bias_init_min, cfg.fgate_bias_init_max, h, dtype=F32),
                              ("heads",))
-        self.o_norm = RMSNorm(self.dv, eps=ctx.norm_eps)
+        self.o_norm = (RMSNorm(self.dv, eps=ctx.norm_eps) if cfg.output_norm == "rms" else
+                       HeadLayerNorm(h, self.dv, eps=ctx.norm_eps))
         self.o_proj = common.dense_out(h * self.dv, ctx, rngs)
         self.setup_op(ctx, heads=h, key_dim=self.dk, value_dim=self.dv + 1, scale=None,
                       conv_size=cfg.conv_size, conv_channels=2 * h * self.dk, rngs=rngs)
@@ -79,7 +105,10 @@ class MLSTM(LinearAttentionMixer):
         i_pre = soft_cap(self.ig_proj(x).astype(F32) + self.ig_bias[...], cap)  # [B, T, H]
         f_pre = soft_cap(self.fg_proj(x).astype(F32) + self.fg_bias[...], cap)
         k = common.split_heads(k, h)
-        k = (k.astype(F32) * jax.nn.sigmoid(i_pre)[..., None]).astype(k.dtype)
+        # the input gate scales the key: sigmoid (mLSTMsig) or exp (the original mLSTM, unstabilised:
+        # the soft cap bounds exp(i) by exp(gate_soft_cap), so float32 states hold it; see the docstring)
+        i_gate = jax.nn.sigmoid(i_pre) if self.cfg.input_gate == "sigmoid" else jnp.exp(i_pre)
+        k = (k.astype(F32) * i_gate[..., None]).astype(k.dtype)
         v = common.append_ones(common.split_heads(self.v_proj(x), h))
         ins = OpInputs(common.split_heads(q, h), k, v, jax.nn.log_sigmoid(f_pre))
         return ins, self.og_proj(x)
@@ -87,7 +116,7 @@ class MLSTM(LinearAttentionMixer):
     def readout(self, o, ogate):
         num, qn = o[..., :-1].astype(F32), o[..., -1:].astype(F32)
         hidden = (num / (jnp.maximum(jnp.abs(qn), 1.0) + EPS)).astype(o.dtype)
-        hidden = common.merge_heads(self.o_norm(hidden))
+        hidden = common.merge_heads(self.o_norm(hidden))  # [B, T, H * V]
         return self.o_proj(hidden * jax.nn.sigmoid(ogate.astype(F32)).astype(hidden.dtype))
 
     @staticmethod
@@ -101,5 +130,5 @@ class MLSTM(LinearAttentionMixer):
 
     def describe_math(self) -> str:
         c = self.cfg
-        return (f"mlstm (sigmoid input gate) H={self.heads} K={self.dk} V={self.dv}, "
-                f"gate cap {c.gate_soft_cap}, normaliser max(|q.n|, 1)")
+        return (f"mlstm ({c.input_gate} input gate) H={self.heads} K={self.dk} V={self.dv}, "
+                f"gate cap {c.gate_soft_cap}, normaliser max(|q.n|, 1), {c.output_norm} per head")

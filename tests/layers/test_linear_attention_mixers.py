@@ -34,7 +34,7 @@ CONFIGS = {  # small, with non-default options and short convolutions spread ove
     "ssd": SSDConfig(head_dim=16, state_dim=8, n_groups=2),
     "gla": GLAConfig(num_heads=2, conv_size=4),
     "hgrn2": HGRN2Config(num_heads=2, lower_bound=0.3, output_gate=True),
-    "mlstm": MLSTMConfig(num_heads=2, conv_size=4),
+    "mlstm": MLSTMConfig(num_heads=2, conv_size=4, input_gate="exp", output_norm="layernorm"),
     "deltanet": DeltaNetConfig(num_heads=2, use_gate=True, allow_neg_eigval=True, conv_size=3),
     "gdn": GDNConfig(num_heads=2),
 }
@@ -98,6 +98,7 @@ BAD = [  # (config, field the error must name)
     (MLSTMConfig(gate_soft_cap=0.0), "gate_soft_cap"),
     (MLSTMConfig(expand_qk=0.3), "expand_qk"),
     (MLSTMConfig(fgate_bias_init_min=7.0), "fgate_bias_init_min"),
+    (MLSTMConfig(input_gate="softplus"), "input_gate"),
     (DeltaNetConfig(expand_k=0.3), "expand_k"),
     (DeltaNetConfig(num_heads=0), "num_heads"),
     (DeltaNetConfig(conv_size=1), "conv_size"),
@@ -289,11 +290,59 @@ def _mlstm_sig_naive(m, x, cap):
 
 
 def test_mlstm_matches_sigmoid_gate_recurrence():
-    m = _mixer(dataclasses.replace(CONFIGS["mlstm"], conv_size=0, gate_soft_cap=3.0))
+    m = _mixer(dataclasses.replace(CONFIGS["mlstm"], conv_size=0, gate_soft_cap=3.0, input_gate="sigmoid",
+                                   output_norm="rms"))
     x = jax.random.normal(jax.random.PRNGKey(4), (2, 9, D))
     seg = jnp.ones((2, 9), jnp.int32)
     y, _ = _call(m, x, jnp.zeros_like(seg), seg, None)
     np.testing.assert_allclose(np.asarray(y), np.asarray(_mlstm_sig_naive(m, x, 3.0)), rtol=1e-4, atol=1e-5)
+
+
+def _mlstm_exp_stabilised_numpy(m, x, cap: float) -> np.ndarray:
+    """The original mLSTM cell (Beck et al. 2024, eqs. 19-27, as xLSTM 7B) in float64 numpy, with
+    its running-max stabiliser m_t, and the multi-head LayerNorm: an independent statement of
+    what input_gate="exp", output_norm="layernorm" must compute (the module runs it without the
+    stabiliser)."""
+    f64 = lambda a: np.asarray(a, np.float64)
+    b, t, _ = x.shape
+    h, dk, dv = m.heads, m.dk, m.dv
+    q = f64(m.q_proj(x)).reshape(b, t, h, dk) / np.sqrt(dk)
+    k = f64(m.k_proj(x)).reshape(b, t, h, dk)
+    v = f64(m.v_proj(x)).reshape(b, t, h, dv)
+    capped = lambda z: cap * np.tanh(z / cap)
+    i_pre = capped(f64(m.ig_proj(x)) + f64(m.ig_bias[...]))
+    f_log = -np.logaddexp(0.0, -capped(f64(m.fg_proj(x)) + f64(m.fg_bias[...])))  # log sigmoid
+    out = np.zeros((b, t, h, dv))
+    for bi in range(b):
+        for hi in range(h):
+            c, n, mx = np.zeros((dk, dv)), np.zeros(dk), 0.0
+            for ti in range(t):
+                m_new = max(f_log[bi, ti, hi] + mx, i_pre[bi, ti, hi])
+                fa, ia = np.exp(f_log[bi, ti, hi] + mx - m_new), np.exp(i_pre[bi, ti, hi] - m_new)
+                c = fa * c + ia * np.outer(k[bi, ti, hi], v[bi, ti, hi])
+                n = fa * n + ia * k[bi, ti, hi]
+                qt = q[bi, ti, hi]
+                # eps scaled by e^{-m_t}: Chimera's eps on the unstabilised cell (transformers adds it
+                # unscaled, a difference of 1e-6 e^{m_t} in a denominator >= 1)
+                out[bi, ti, hi] = qt @ c / (max(abs(qt @ n), np.exp(-m_new)) + 1e-6 * np.exp(-m_new))
+                mx = m_new
+    out = out - out.mean(-1, keepdims=True)
+    out = out / np.sqrt((out ** 2).mean(-1, keepdims=True) + 1e-6) * f64(m.o_norm.scale[...]).reshape(h, dv)
+    gate = 1 / (1 + np.exp(-f64(m.og_proj(x))))
+    return f64(m.o_proj(jnp.asarray((out.reshape(b, t, -1) * gate).astype(np.float32))))
+
+
+def test_mlstm_exp_gate_and_layernorm_match_the_stabilised_cell():
+    cfg = dataclasses.replace(CONFIGS["mlstm"], conv_size=0, gate_soft_cap=4.0, input_gate="exp",
+                              output_norm="layernorm")
+    m = _mixer(cfg)
+    m.ig_bias[...] = jnp.asarray([2.0, -1.0])  # exp(i) far from sigmoid(i): the gate choice shows
+    m.o_norm.scale[...] = 1 + 0.3 * jax.random.normal(jax.random.PRNGKey(1), m.o_norm.scale[...].shape)
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 11, D))
+    seg = jnp.ones((2, 11), jnp.int32)
+    y, _ = _call(m, x, jnp.zeros_like(seg), seg, None)
+    np.testing.assert_allclose(np.asarray(y), _mlstm_exp_stabilised_numpy(m, x, 4.0), rtol=1e-4, atol=1e-5)
+    assert m.o_norm.scale[...].shape == (2 * m.dv,)  # a scale per head and channel
 
 
 @nnx.jit
