@@ -6,7 +6,8 @@
 #     bash scripts/setup_torch.sh
 #
 # Reused when it already exists and imports torch; transformers / safetensors are added to it if
-# they are missing (so a .venv-torch made for the benchmark only is upgraded, not rebuilt).
+# they are missing or transformers is outside the tested range (so a .venv-torch made for the
+# benchmark only is upgraded, not rebuilt).
 #
 # Why a separate venv on Python 3.11: the CPU wheel of torch 2.13 on these machines exists only
 # for cp311 (pip find-links, e.g. /opt/wheels); on Python 3.12, `pip install torch==2.13.0`
@@ -18,7 +19,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv-torch"
 TORCH=(torch==2.13.0)
-EXTRAS=("transformers>=5,<6" safetensors numpy)
+# The transformers range CI tests the Hugging Face export against (train/hf/, README "Export and
+# import"): the hybrid architectures' modelling files change between minor releases.
+TRANSFORMERS="transformers>=5.25,<5.26"
+EXTRAS=("$TRANSFORMERS" safetensors numpy)
 
 # Print pip's install plan for "$@" (kept in $WOULD) and fail if it would bring in CUDA or a
 # torch build other than the CPU one.
@@ -45,10 +49,10 @@ report() {
 }
 
 if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    if "$VENV/bin/python" -c "import transformers, safetensors" 2>/dev/null; then
+    if "$VENV/bin/python" -c "import transformers, safetensors; v = tuple(map(int, transformers.__version__.split('.')[:2])); raise SystemExit(v != (5, 25))" 2>/dev/null; then
         echo "reusing $VENV"
     else
-        echo "adding transformers and safetensors to $VENV"
+        echo "adding $TRANSFORMERS and safetensors to $VENV"
         # torch is named in the plan so that pip keeps the installed CPU build.
         check_plan "${TORCH[@]}" "${EXTRAS[@]}"
         "$VENV/bin/python" -m pip install --quiet "${TORCH[@]}" "${EXTRAS[@]}"

@@ -6,10 +6,14 @@ Runs under .venv-torch (scripts/setup_torch.sh), never under .venv: it needs onl
 transformers and numpy. Several triples share one start-up (importing torch and transformers
 takes seconds). For each triple:
 
-    IN.npz    tokens int [B, T] (positions 0..T-1, no padding); optional `text`: a string
-    OUT.npz   logits float32 [B, T, V] from AutoModelForCausalLM; `architecture` (the class
-              name); and, when IN has `text` and the export has tokenizer_config.json,
-              `text_ids` int [n]: AutoTokenizer's ids for it (no special tokens)
+    IN.npz    tokens int [B, T] (positions 0..T-1, no padding), and any more `tokens<suffix>`
+              batches (other lengths); optional `text`: a string; optional `prompt` int [n]
+              with `new_tokens` (a count)
+    OUT.npz   logits<suffix> float32 [B, T, V] from AutoModelForCausalLM for each tokens<suffix>;
+              `architecture` (the class name); when IN has `text` and the export has
+              tokenizer_config.json, `text_ids` int [n]: AutoTokenizer's ids for it (no special
+              tokens); when IN has `prompt`, `generated` int [new_tokens]: greedy generation
+              through the model's own decode cache (`generate`, do_sample=False)
 
 tests/train/test_hf.py compares these with Chimera's own forward and tokenizer.
 """
@@ -29,8 +33,16 @@ def check(export_dir: Path, inp: Path, out: Path) -> None:
     model.eval()
     result = {"architecture": np.array(type(model).__name__)}
     with torch.no_grad():
-        tokens = torch.from_numpy(data["tokens"].astype(np.int64))
-        result["logits"] = model(input_ids=tokens).logits.float().numpy()
+        for key in data.files:
+            if key.startswith("tokens"):
+                tokens = torch.from_numpy(data[key].astype(np.int64))
+                result["logits" + key[len("tokens"):]] = model(input_ids=tokens).logits.float().numpy()
+        if "prompt" in data:
+            n = int(data["new_tokens"])
+            prompt = torch.from_numpy(data["prompt"].astype(np.int64))[None]
+            gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+            result["generated"] = gen[0, prompt.shape[1]:].numpy()
     if "text" in data and (export_dir / "tokenizer_config.json").is_file():
         tok = AutoTokenizer.from_pretrained(export_dir)
         result["text_ids"] = np.asarray(tok(str(data["text"]), add_special_tokens=False)["input_ids"], np.int64)

@@ -29,13 +29,18 @@ from layers.attention.config import AttentionConfig
 from layers.config import ConfigError
 from models.config import ModelConfig
 from train.hf.arch import MAPPED_MODEL_FIELDS, Arch
+from train.hf.bamba import Bamba
+from train.hf.deepseek_v3 import DeepseekV3
+from train.hf.gpt_oss import GptOss
 from train.hf.llama import LlamaFamily
+from train.hf.qwen3_next import Qwen3Next
+from train.hf.xlstm import XLSTM
 from train.hf.tensors import TensorMap, round_trips
 from train.hf.tokenizer import byte_tokenizer_json, write_hf_tokenizer
 
 log = logging.getLogger("chimera.hf")
 
-ARCHS: tuple[Arch, ...] = (LlamaFamily(),)
+ARCHS: tuple[Arch, ...] = (LlamaFamily(), GptOss(), DeepseekV3(), XLSTM(), Qwen3Next(), Bamba())
 SAFETENSORS_HINT = "(--format safetensors exports any model)"
 
 __all__ = ["ARCHS", "choose_arch", "hf_config", "write_hf_config", "hf_tensors", "model_config_from_hf",
@@ -51,13 +56,16 @@ def choose_arch(mc: ModelConfig) -> Arch:
     for arch, problems in found:
         if not problems:
             return arch
-    found.sort(key=lambda ap: len(ap[1]))
-    (best, problems), others = found[0], found[1:]
+    kinds = [mc.mixer(n).kind for n in mc.layer_names()]
+    misses = {a.name: sum(k not in a.kinds for k in kinds) for a in ARCHS}
+    # closest: holds the most layers' kinds, then has the fewest problems (then ARCHS order)
+    found.sort(key=lambda ap: (misses[ap[0].name], len(ap[1])))
+    (best, problems), others = found[0], [ap for ap in found[1:] if not misses[ap[0].name]]
     lines = [f"cannot export to Hugging Face format; the closest architecture, {best.name}, lacks:",
              *(f"  {p}" for p in problems)]
     if others:
-        lines.append("  (further: " + "; ".join(f"{a.name}: {len(p)} problem{'s' * (len(p) > 1)}, e.g. {p[0]}"
-                                             for a, p in others) + ")")
+        lines.append("  (also close: " + "; ".join(f"{a.name}, {len(p)} problem{'s' * (len(p) > 1)}: {p[0]}"
+                                                for a, p in others) + ")")
     raise ConfigError("\n".join(lines + [SAFETENSORS_HINT]))
 
 
@@ -212,6 +220,9 @@ def import_params(hf_dir: str | Path, model):
             diffs = [f"(config.json not comparable: {e})"]
         if diffs:
             log.warning("model config differs from %s/config.json beyond shapes: %s", hf_dir, "; ".join(diffs))
+    for m in maps:
+        if not m.ours:  # a constant of the architecture: check its value now
+            m.from_hf(reader.get(m.hf))
     source = {n: (m, k) for m in maps for k, n in enumerate(m.ours)}
     cache: dict[str, tuple] = {}  # one HF tensor's split, kept until all its parts are taken
 

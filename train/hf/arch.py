@@ -35,6 +35,7 @@ class Arch:
     implement the four methods."""
     name: str = ""                        # for messages: "Qwen3-Next"
     model_types: tuple[str, ...] = ()     # config.json model_type values `model_config` reads
+    kinds: frozenset[str] = frozenset()   # the mixer kinds it can hold (to rank near misses)
 
     def problems(self, mc: ModelConfig) -> list[str]:
         """Why `mc` cannot be exported exactly to this architecture: one line per layer or

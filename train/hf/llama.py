@@ -96,6 +96,7 @@ def attention_maps(i: int, c: AttentionConfig, prefix: str = "self_attn") -> lis
 class LlamaFamily(Arch):
     name = NAME
     model_types = ("llama", "mistral", "ministral", "qwen2", "qwen3")
+    kinds = frozenset({"attention"})
 
     def resolve(self, mc: ModelConfig) -> tuple[Resolved | None, list[str]]:
         problems = model_problems(mc, NAME)

@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from layers.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
@@ -81,6 +83,19 @@ def offset(hf: str, ours: str, delta: float) -> TensorMap:
     about the others (`round_trips`)."""
     d = np.float32(delta)
     return TensorMap(hf, (ours,), lambda a: (a.astype(np.float32) + d), lambda a: (a.astype(np.float32) - d,))
+
+
+def constant(hf: str, value: np.ndarray, what: str) -> TensorMap:
+    """A tensor that holds no Chimera param but must have this value for the architecture to
+    compute our function (e.g. a one-expert router, a bias that cancels a built-in +1); import
+    refuses any other value, naming `what` it stands for."""
+    value = np.asarray(value, np.float32)
+
+    def from_hf(a):
+        if a.shape != value.shape or not np.array_equal(a.astype(np.float32), value):
+            raise ConfigError(f"{hf} must be {what} for Chimera to compute the checkpoint's function")
+        return ()
+    return TensorMap(hf, (), lambda: value, from_hf)
 
 
 def round_trips(m: TensorMap, arrays: Sequence[np.ndarray]) -> bool:
