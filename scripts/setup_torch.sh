@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv-torch (repo root): CPU-only PyTorch 2.13 plus transformers and safetensors, for
 # the torch peer of benchmarks/train_step.py and the Hugging Face export check
-# (tests/hf_torch_check.py, run by tests/train/test_hf.py).
+# (scripts/hf_torch_check.py, run by tests/train/test_hf.py, tests/train/test_hf_hybrids.py and
+# scripts/verify_hf_export.py).
 #
 #     bash scripts/setup_torch.sh
 #

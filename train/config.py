@@ -158,8 +158,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
-    # Warm start: a Hugging Face Llama/Qwen checkpoint directory (safetensors) whose weights
-    # initialise the model when the run has no checkpoint yet (train/hf.py).
+    # Warm start: a Hugging Face checkpoint directory (safetensors) of an importable architecture whose weights
+    # initialise the model when the run has no checkpoint yet (train/hf/).
     init_from: str | None = None
 
     def check(self, batch_size: int) -> None:

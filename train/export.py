@@ -5,11 +5,11 @@
 The default out is RUN_DIR/export/<format>-step<N>. Either format writes into it:
 
     chimera_config.json    the run's resolved Config (`load_exported(dir)` rebuilds the model)
-    tokenizer files        Tokenizer.save (for `hf`, also HF-loadable files: train/hf.py)
+    tokenizer files        Tokenizer.save (for `hf`, also HF-loadable files: train/hf/tokenizer.py)
     model.safetensors      or model-0000i-of-0000n.safetensors + model.safetensors.index.json
                            (Hugging Face's sharded layout) when the params exceed --shard-gib
 
-`hf` adds config.json and uses transformers' tensor names (train/hf.py). `safetensors` uses
+`hf` adds config.json and uses transformers' tensor names (train/hf/). `safetensors` uses
 Chimera's names, one tensor per layer: a scanned stack's params [n_periods, ...] are cut into
 their layers, so the file does not depend on model.scan or on how layers split into periods
 (it loads into the same architecture built with scan on or off). With d the model width, V the

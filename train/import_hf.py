@@ -3,8 +3,8 @@
     python -m train.import_hf HF_DIR --out CONFIG.json [key.path=value ...]
     python -m train --config CONFIG.json --run-dir runs/ft
 
-The config's model section comes from HF_DIR/config.json (train/hf.py: llama, mistral,
-ministral, qwen2, qwen3), `train.init_from` is HF_DIR (the train loop loads its safetensors
+The config's model section comes from HF_DIR/config.json (train/hf/: llama, mistral,
+ministral, qwen2, qwen3, gpt_oss, deepseek_v3, xlstm, qwen3_next, bamba), `train.init_from` is HF_DIR (the train loop loads its safetensors
 into the fresh model when the run has no checkpoint yet, via `train.hf.import_params`), and
 `data.tokenizer` is the directory's tokenizer: "byte" for a Chimera byte-tokenizer export
 (tokenizer_byte.json), else its tokenizer.json (HF tokenizers) or tokenizer.model

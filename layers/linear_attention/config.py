@@ -263,6 +263,10 @@ class MLSTMConfig(MixerConfig):
         head_width(d_model, self.expand_v, self.num_heads, where, "expand_v")
         if self.gate_soft_cap is not None and self.gate_soft_cap <= 0:
             raise ConfigError(f"{where}.gate_soft_cap must be > 0 or None, got {self.gate_soft_cap}")
+        if self.input_gate == "exp" and (self.gate_soft_cap is None or self.gate_soft_cap > 30):
+            raise ConfigError(f"{where}.input_gate='exp' needs {where}.gate_soft_cap <= 30 (got "
+                              f"{self.gate_soft_cap}): the unstabilised exponential gate relies on the cap "
+                              "to keep exp(i) within float32")
         if self.fgate_bias_init_min > self.fgate_bias_init_max:
             raise ConfigError(f"{where}.fgate_bias_init_min={self.fgate_bias_init_min} must be <= "
                               f"{where}.fgate_bias_init_max={self.fgate_bias_init_max}")

@@ -31,10 +31,11 @@ per-head RMSNorm with one shared [V] scale.
 
 Faithful (xLSTM 7B's mLSTM layer): q/k of width d/2, v of width d, per-head scalar gates from
 linear projections with biases, soft-capped at 15, forget-gate bias initialised linspace(3, 6)
-over heads, the max(|q.n|, 1) normaliser (eps 1e-6), multi-head RMSNorm, sigmoid output gate
-from the layer input, out projection. Choices: the input-gate bias starts at 0 (i = 1/2; the
-7B model's -10 is tuned for the exponential gate, under which it means exp(-10), a much larger
-value than sigmoid(-10)); no short convolution by default (xLSTM 7B dropped the original
+over heads, the max(|q.n|, 1) normaliser (eps 1e-6), a per-head norm (LayerNorm with
+output_norm="layernorm"), sigmoid output gate from the layer input, out projection. Choices: by
+default the sigmoid input gate and a per-head RMSNorm with one shared scale; the input-gate bias
+starts at 0 (with the sigmoid gate i = 1/2; the 7B model's -10 is tuned for the exponential gate,
+set igate_bias_init=-10 with input_gate="exp"); no short convolution by default (xLSTM 7B dropped the original
 block's conv; conv_size > 0 puts a conv (+ SiLU) on q and k, as the original mLSTM block had
 on its q/k path).
 """

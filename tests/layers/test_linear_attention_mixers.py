@@ -99,6 +99,7 @@ BAD = [  # (config, field the error must name)
     (MLSTMConfig(expand_qk=0.3), "expand_qk"),
     (MLSTMConfig(fgate_bias_init_min=7.0), "fgate_bias_init_min"),
     (MLSTMConfig(input_gate="softplus"), "input_gate"),
+    (MLSTMConfig(input_gate="exp", gate_soft_cap=None), "gate_soft_cap"),
     (DeltaNetConfig(expand_k=0.3), "expand_k"),
     (DeltaNetConfig(num_heads=0), "num_heads"),
     (DeltaNetConfig(conv_size=1), "conv_size"),

@@ -1,10 +1,10 @@
-"""Hugging Face export and import (train/hf.py, train/import_hf.py).
+"""Hugging Face export and import (train/hf/, train/import_hf.py): the attention-only architectures.
 
 Three architectures, each exported from a run directory: the default job's (sliding-window +
 full attention, GQA, tied: MinistralForCausalLM), a QK-norm GQA model with an explicit head_dim,
 untied, with windows, RoPE theta 5e4 and a remainder layer (Qwen3ForCausalLM), and a plain
 unscanned untied one with norm eps 1e-5 (LlamaForCausalLM). Each must import back bit for bit and,
-under transformers (PyTorch, .venv-torch, via tests/hf_torch_check.py), give our logits on
+under transformers (PyTorch, .venv-torch, via scripts/hf_torch_check.py), give our logits on
 sequences longer than the windows. Without .venv-torch that test is skipped, except under CI=true,
 where scripts/setup_torch.sh has made it and a skip would hide a failure.
 """
@@ -29,7 +29,7 @@ from train.cli import load_config
 from train.config import AttentionConfig, ConfigError, MixerConfig, ModelConfig, to_dict
 from train.data.tokenizer import build_tokenizer
 from train.export import chimera_tensors, export_run, main as export_main
-from train.hf import choose_arch as hf_arch, import_params, model_config_from_hf
+from train.hf import ARCHS, choose_arch as hf_arch, import_params, model_config_from_hf
 from train.import_hf import main as import_main
 from train.safetensors_io import SafetensorsReader, TensorOut, write_safetensors
 
@@ -149,10 +149,16 @@ class FutureAttention(AttentionConfig):
     new_option: int = 0
 
 
+def resolved(mc: ModelConfig):
+    """What the Llama-family export writes for `mc` (architecture, heads, windows, ...)."""
+    assert hf_arch(mc) is ARCHS[0]
+    return ARCHS[0].resolve(mc)[0]
+
+
 def test_options_added_later_are_refused_too():
     mc = dataclasses.replace(TINY_MODEL, mixers={**TINY_MODEL.mixers, "attn": FutureAttention(
         num_heads=4, num_kv_heads=2)})
-    assert hf_arch(mc) == hf_arch(TINY_MODEL)  # at its default, the new field exports
+    assert resolved(mc) == resolved(TINY_MODEL)  # at its default, the new field exports
     mc = dataclasses.replace(mc, mixers={**mc.mixers, "attn": FutureAttention(
         num_heads=4, num_kv_heads=2, new_option=3)})
     with pytest.raises(ConfigError, match=r"layer 3 \(attn\): new_option=3; Llama, Qwen3 and Ministral: no "
@@ -162,7 +168,7 @@ def test_options_added_later_are_refused_too():
 
 def test_model_options_outside_the_function_do_not_block_export():
     mc = dataclasses.replace(TINY_MODEL, z_loss=1e-4, init_std=0.01, scan=False)
-    assert hf_arch(mc) == hf_arch(TINY_MODEL)
+    assert resolved(mc) == resolved(TINY_MODEL)
 
 
 def test_non_attention_only_model_names_the_way_out():
@@ -313,21 +319,28 @@ def our_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 def test_transformers_computes_our_logits(exports, tmp_path):
     py = torch_env()
-    tokens = np.random.default_rng(0).integers(0, 256, (2, SEQ)).astype(np.int32)
+    from test_hf_hybrids import greedy
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (2, SEQ)).astype(np.int32)
+    tokens2 = rng.integers(0, 256, (1, 37)).astype(np.int32)
+    prompt = rng.integers(0, 256, 8).astype(np.int32)
     text = "héllo wörld\n\tdef f(x):  return x  # ✓"
     args = []
     for name, (_, hf_dir) in exports.items():
-        np.savez(tmp_path / f"{name}-in.npz", tokens=tokens, text=np.array(text))
+        np.savez(tmp_path / f"{name}-in.npz", tokens=tokens, tokens2=tokens2, prompt=prompt, new_tokens=32,
+                 text=np.array(text))
         args += [str(hf_dir), str(tmp_path / f"{name}-in.npz"), str(tmp_path / f"{name}-out.npz")]
-    proc = subprocess.run([str(py), str(ROOT / "tests" / "hf_torch_check.py"), *args],
+    proc = subprocess.run([str(py), str(ROOT / "scripts" / "hf_torch_check.py"), *args],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name, (run_dir, hf_dir) in exports.items():
         theirs = np.load(tmp_path / f"{name}-out.npz")
         assert str(theirs["architecture"]) == json.loads((hf_dir / "config.json").read_text())["architectures"][0]
-        ours = our_logits(load_run(run_dir).model, tokens)
-        scale = np.abs(ours).max()
-        np.testing.assert_allclose(theirs["logits"], ours, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+        model = load_run(run_dir).model
+        for key, toks in (("logits2", tokens2), ("logits", tokens)):
+            ours = our_logits(model, toks)
+            np.testing.assert_allclose(theirs[key], ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max(), err_msg=name)
+        np.testing.assert_array_equal(theirs["generated"], greedy(model, prompt, 32), err_msg=name)
         np.testing.assert_array_equal(theirs["text_ids"], np.frombuffer(text.encode(), np.uint8))
     # The windows matter at this length: the same weights without them give other logits.
     full = dataclasses.replace(TINY_MODEL, mixers={**TINY_MODEL.mixers, "swa": TINY_MODEL.mixers["attn"]})

@@ -1,11 +1,11 @@
-"""Hybrid and non-attention models exported to the transformers architectures that hold them
-(train/hf/: Qwen3-Next, Bamba, DeepseekV3, xLSTM), verified against transformers itself.
+"""Hybrid and non-Llama models exported to the transformers architectures that hold them
+(train/hf/: Qwen3-Next, Bamba, GptOss, DeepseekV3, xLSTM), verified against transformers itself.
 
 Each case is a tiny model with random weights (tests/train/test_export.random_params: no two
 tensors alike, norm scales away from 1) saved as a run directory and exported with
 `train.export --format hf`. Then:
   - the export imports back bit for bit, and its config.json imports to the same function;
-  - transformers (PyTorch, CPU, .venv-torch, tests/hf_torch_check.py) loads it with
+  - transformers (PyTorch, CPU, .venv-torch, scripts/hf_torch_check.py) loads it with
     AutoModelForCausalLM and no custom code and computes our logits within 1e-4 (relative to the
     largest logit) on a batch of two 80-token rows (longer than every chunk of the linear ops,
     64 by default, and than HF's chunk sizes) and on a 37-token row (a length no chunk divides);
@@ -97,7 +97,7 @@ def test_transformers_computes_our_logits_and_generation(exports, tmp_path):
     for name, (_, hf_dir) in exports.items():
         np.savez(tmp_path / f"{name}-in.npz", tokens=tokens, tokens2=tokens2, prompt=prompt, new_tokens=NEW)
         args += [str(hf_dir), str(tmp_path / f"{name}-in.npz"), str(tmp_path / f"{name}-out.npz")]
-    proc = subprocess.run([str(py), str(ROOT / "tests" / "hf_torch_check.py"), *args],
+    proc = subprocess.run([str(py), str(ROOT / "scripts" / "hf_torch_check.py"), *args],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name, (run_dir, hf_dir) in exports.items():
@@ -148,3 +148,7 @@ def test_import_refuses_what_the_checkpoint_computes_otherwise(exports, tmp_path
     (moe / "config.json").write_text(json.dumps({**cfg, "num_experts": 4, "mlp_only_layers": []}))
     with pytest.raises(ConfigError, match="MoE"):
         model_config_from_hf(moe)
+    # a Qwen3-Next checkpoint into a model config it cannot be (no gate on the attention layer)
+    with pytest.raises(ConfigError, match=r"does not match the checkpoint's architecture, Qwen3-Next:\n  "
+                                          r"layer 3 \(attn\): gate='none'"):
+        import_params(hf_dir, nnx.eval_shape(lambda: models.build(_with("qwen3_next", "attn", gate="none"))))

@@ -4,7 +4,7 @@ architecture that holds a Chimera model exactly.
 Export (`python -m train.export RUN --format hf`) asks each architecture in `ARCHS` whether it
 holds the model (`Arch.problems`) and takes the first that does; otherwise it refuses, naming
 each layer or option the closest architecture lacks (the one with fewest problems). The
-architectures, their modules and what they hold are in README.md ("Export to Hugging Face").
+architectures, their modules and what they hold are in README.md ("Export and import").
 
 The tensor mapping of an architecture (`Arch.tensors`) must use every Chimera param exactly
 once (checked at every export and import, so a new parameter can never be dropped silently),
@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from layers.attention.config import AttentionConfig
 from layers.config import ConfigError
 from models.config import ModelConfig
-from train.hf.arch import MAPPED_MODEL_FIELDS, Arch
+from train.hf.arch import INIT_ONLY_FIELDS, MAPPED_MODEL_FIELDS, Arch
 from train.hf.bamba import Bamba
 from train.hf.deepseek_v3 import DeepseekV3
 from train.hf.gpt_oss import GptOss
@@ -80,8 +79,13 @@ def write_hf_config(cfg, out: Path) -> None:
 
 def _plan(arch: Arch, model) -> tuple[list[TensorMap], dict]:
     """The architecture's tensor maps for `model`, checked to use each param exactly once;
-    and our param refs by name."""
+    and our param refs by name. ConfigError when the architecture cannot hold the model (an
+    import into a model config that does not match the checkpoint)."""
     from train.export import param_refs
+    problems = arch.problems(model.cfg)
+    if problems:
+        raise ConfigError(f"the model config does not match the checkpoint's architecture, {arch.name}:\n  "
+                          + "\n  ".join(problems))
     refs = {r.name: r for r in param_refs(model)}
     maps = arch.tensors(model.cfg)
     used: dict[str, str] = {}
@@ -106,15 +110,15 @@ def hf_tensors(model) -> list:
     arch = choose_arch(model.cfg)
     maps, refs = _plan(arch, model)
     variables = param_variables(model)
-    out, inexact = [], []
+    out = []
 
     def fetch(m: TensorMap) -> np.ndarray:
         arrays = [read_param(variables, refs[n]) for n in m.ours]
-        if not round_trips(m, arrays):
-            inexact.append(m.hf)
+        hf = m.to_hf(*arrays).astype(np.float32)
+        if not round_trips(m, arrays, hf):
             log.warning("%s: its values do not survive export and import bit for bit (a norm scale "
-                        "below 1/2 stored as scale - 1); the function is the same to rounding", m.hf)
-        return m.to_hf(*arrays).astype(np.float32)
+                        "outside [1/2, 2^24) stored as scale - 1); the function is the same to rounding", m.hf)
+        return hf
     for m in maps:
         out.append(TensorOut(m.hf, m.hf_shape([refs[n].shape for n in m.ours]), np.dtype(np.float32),
                              lambda m=m: fetch(m)))
@@ -148,7 +152,10 @@ def model_config_from_hf(hf_dir: str | Path) -> ModelConfig:
     return mc
 
 
-_HEAD_LAYOUT = ("num_heads", "num_kv_heads", "head_dim")
+# Fields that set only param shapes (or a default resolved from them), which import checks tensor
+# by tensor; comparing them as written would flag None (a default) against its resolved value.
+_SHAPE_FIELDS = ("num_heads", "num_kv_heads", "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                 "qk_rope_head_dim", "v_head_dim")
 
 
 def _function_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
@@ -159,8 +166,8 @@ def _function_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
         if type(ca) is not type(cb):
             out.append(f"layer {i}: mixer kind {ca.kind} vs {cb.kind}")
             continue
-        skip = _HEAD_LAYOUT if isinstance(ca, AttentionConfig) else ()
-        for f in dataclasses.fields(ca):  # every option, the head layout aside (shapes check it)
+        skip = _SHAPE_FIELDS + tuple(INIT_ONLY_FIELDS)
+        for f in dataclasses.fields(ca):  # every option, the shapes aside (checked tensor by tensor)
             if f.name not in skip and getattr(ca, f.name) != getattr(cb, f.name, None):
                 out.append(f"layer {i} {f.name}: {getattr(ca, f.name)} vs {getattr(cb, f.name, None)}")
     for f in dataclasses.fields(a):
@@ -224,17 +231,12 @@ def import_params(hf_dir: str | Path, model):
         if not m.ours:  # a constant of the architecture: check its value now
             m.from_hf(reader.get(m.hf))
     source = {n: (m, k) for m in maps for k, n in enumerate(m.ours)}
-    cache: dict[str, tuple] = {}  # one HF tensor's split, kept until all its parts are taken
 
     def fetch(r) -> np.ndarray:
+        # a fused HF tensor is read once per part it holds (at most 4): memory stays at one
+        # tensor, whatever order assign_params asks for the parts in
         m, k = source[r.name]
-        if m.hf not in cache:
-            cache[m.hf] = [list(m.from_hf(reader.get(m.hf).astype(np.float32))), len(m.ours)]
-        parts = cache[m.hf]
-        parts[1] -= 1
-        if not parts[1]:
-            del cache[m.hf]
-        return parts[0][k]
+        return m.from_hf(reader.get(m.hf).astype(np.float32))[k]
     return assign_params(model, fetch)
 
 

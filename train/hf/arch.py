@@ -1,6 +1,6 @@
 """What an exportable Hugging Face architecture provides, and the checks they share.
 
-Each module of this package (llama.py, qwen3_next.py, bamba.py, deepseek_v3.py, xlstm.py)
+Each module of this package (llama.py, gpt_oss.py, deepseek_v3.py, xlstm.py, qwen3_next.py, bamba.py)
 defines one `Arch`: which Chimera models it holds exactly (`problems` is empty), the config.json
 that makes transformers compute our function, the tensor mapping (train/hf/tensors.py) and the
 reverse: a ModelConfig from a config.json it can represent. train/hf/__init__.py picks the arch
@@ -28,6 +28,17 @@ MODEL_WHY_NOT = {
     "post_norm": "no norm on the residual branches' outputs",
     "layer_scale": "no LayerScale on the residual branches",
 }
+
+
+# Mixer fields that set initial values only: they never change the function of a checkpoint.
+INIT_ONLY_FIELDS = frozenset({"dt_min", "dt_max", "dt_init_floor", "a_init_min", "a_init_max",
+                              "igate_bias_init", "fgate_bias_init_min", "fgate_bias_init_max"})
+
+
+def is_kind(c, cls) -> bool:
+    """Whether mixer config `c` is of `cls`'s kind; by kind as well as class, since a future
+    mixer may extend a config class and compute something else."""
+    return c.kind == cls.kind and isinstance(c, cls)
 
 
 class Arch:
@@ -83,9 +94,10 @@ def non_default_fields(cfg, mapped: Iterable[str]) -> list[tuple[str, object]]:
 
 
 def unmapped_options(where: str, cfg, mapped: Iterable[str], arch: str, why: dict[str, str]) -> list[str]:
-    """One problem per option of `cfg` outside `mapped` that is not at its default."""
+    """One problem per option of `cfg` outside `mapped` (and INIT_ONLY_FIELDS) that is not at its
+    default."""
     return [f"{where}{f}={v!r}; {arch}: {why.get(f, 'no such option (the export does not map it)')}"
-            for f, v in non_default_fields(cfg, mapped)]
+            for f, v in non_default_fields(cfg, set(mapped) | INIT_ONLY_FIELDS)]
 
 
 def model_problems(mc: ModelConfig, arch: str, mapped=MAPPED_MODEL_FIELDS) -> list[str]:
@@ -139,6 +151,23 @@ def rope_theta(c: dict) -> float:
         raise ConfigError(f"partial_rotary_factor={c['partial_rotary_factor']} is not supported "
                           "(Chimera rotates all head dims)")
     return float(params.get("rope_theta", c.get("rope_theta", 10_000.0)))
+
+
+def common_config(cfg, architecture: str, model_type: str) -> dict:
+    """The config.json keys every export writes the same way (an arch adds its own after them)."""
+    m = cfg.model
+    return {
+        "architectures": [architecture], "model_type": model_type,
+        "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.hidden,
+        "num_hidden_layers": m.num_layers, "hidden_act": "silu", "rms_norm_eps": m.norm_eps,
+        "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_std,
+        "max_position_embeddings": cfg.data.seq_len,  # the context trained at; RoPE itself has no limit
+        "use_cache": True,
+        # no special tokens: documents were separated by segment ids (and some defaults, e.g.
+        # DeepseekV3's eos 1, would stop generation at an ordinary token)
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+        "dtype": "float32", "torch_dtype": "float32",
+    }
 
 
 # ----------------------------------------------------------------------------- shared tensors

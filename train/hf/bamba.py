@@ -41,16 +41,14 @@ import math
 from layers.attention.config import AttentionConfig
 from layers.linear_attention.config import SSDConfig
 from models.config import ModelConfig
-from train.hf.arch import (Arch, embedding_maps, layers_of, model_problems, one_value, period, require,
+from train.hf.arch import (Arch, is_kind, common_config, embedding_maps, layers_of, model_problems, one_value, period, require,
                            rope_theta, swiglu_maps, unmapped_options)
 from train.hf.llama import WHY_NOT as ATTENTION_WHY_NOT, attention_maps
 from train.hf.tensors import TensorMap, conv, fused, linear, same
 
 NAME = "Bamba"
 MAPPED_ATTENTION_FIELDS = frozenset({"num_heads", "num_kv_heads", "head_dim", "rope_theta"})
-# dt_* and a_init_* only set the initial dt_bias and A_log, which the tensors carry
-MAPPED_SSD_FIELDS = frozenset({"expand", "head_dim", "state_dim", "n_groups", "conv_size",
-                               "dt_min", "dt_max", "dt_init_floor", "a_init_min", "a_init_max"})
+MAPPED_SSD_FIELDS = frozenset({"expand", "head_dim", "state_dim", "n_groups", "conv_size"})
 SSD_SHARED = ("expand", "head_dim", "state_dim", "n_groups", "conv_size")
 WHY_NOT = ATTENTION_WHY_NOT | {"qk_norm": "no QK-norm", "window": "full causal attention only",
                                "knock_heads": "no knocking-heads mixing"}
@@ -60,12 +58,12 @@ def _kinds(mc: ModelConfig, problems: list[str]):
     """The (index, name, cfg) of the SSD layers and of the attention layers; a problem for any other."""
     ssd, attn = [], []
     for i, name, c in layers_of(mc):
-        if c.kind == SSDConfig.kind and isinstance(c, SSDConfig):
+        if is_kind(c, SSDConfig):
             problems += unmapped_options(f"layer {i} ({name}): ", c, MAPPED_SSD_FIELDS, NAME, {})
             if c.conv_size == 0:
                 problems.append(f"layer {i} ({name}): conv_size=0; {NAME}: the SSD conv is always on (conv_size >= 2)")
             ssd.append((i, name, c))
-        elif c.kind == AttentionConfig.kind and isinstance(c, AttentionConfig):
+        elif is_kind(c, AttentionConfig):
             problems += unmapped_options(f"layer {i} ({name}): ", c, MAPPED_ATTENTION_FIELDS, NAME, WHY_NOT)
             attn.append((i, name, c))
         else:
@@ -99,10 +97,7 @@ class Bamba(Arch):
         heads, kv, head_dim, theta = ((a.num_heads, a.kv_heads, a.dim_per_head(m.d_model), float(a.rope_theta))
                                       if a else (1, 1, m.d_model, 10_000.0))  # unused without attention
         return {
-            "architectures": ["BambaForCausalLM"], "model_type": "bamba",
-            "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.hidden,
-            "num_hidden_layers": m.num_layers, "hidden_act": "silu", "rms_norm_eps": m.norm_eps,
-            "tie_word_embeddings": m.tie_embeddings, "attn_layer_indices": [i for i, _, _ in attn],
+            **common_config(cfg, "BambaForCausalLM", "bamba"), "attn_layer_indices": [i for i, _, _ in attn],
             "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
             "rope_parameters": {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": 1.0},
             "rope_theta": theta, "partial_rotary_factor": 1.0,
@@ -111,11 +106,8 @@ class Bamba(Arch):
             "mamba_d_state": s.state_dim, "mamba_expand": s.expand, "mamba_d_conv": s.conv_size,
             # any chunk size computes the same function; time_step_limit is left at its (0, inf)
             "mamba_chunk_size": 256, "mamba_conv_bias": True, "mamba_proj_bias": False,
-            "z_loss_coefficient": m.z_loss, "max_position_embeddings": cfg.data.seq_len,
-            "initializer_range": m.init_std, "num_logits_to_keep": 1, "use_cache": bool(attn),
-            # BambaConfig's defaults (pad 0, bos 1, eos 2) would stop generation at token 2
-            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-            "dtype": "float32", "torch_dtype": "float32",
+            "z_loss_coefficient": m.z_loss, "num_logits_to_keep": 1,
+            "use_cache": bool(attn),  # transformers 5.25's Bamba cache needs an attention layer
         }
 
     def tensors(self, mc: ModelConfig) -> list[TensorMap]:
@@ -170,7 +162,8 @@ class Bamba(Arch):
             heads = int(c.get("num_attention_heads") or 32)
             head_dim = int(c.get("head_dim") or d // heads)
             mixers["attn"] = AttentionConfig(
-                num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
+                # absent: BambaConfig's default 8; null: num_attention_heads
+                num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads", 8) or heads),
                 head_dim=None if head_dim * heads == d else head_dim, rope_theta=rope_theta(c))
         return ModelConfig(
             vocab_size=int(c["vocab_size"]), d_model=d, num_layers=n, pattern=period(names), mixers=mixers,

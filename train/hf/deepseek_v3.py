@@ -22,11 +22,13 @@ from __future__ import annotations
 
 from layers.attention.config import MLAConfig
 from models.config import ModelConfig
-from train.hf.arch import (Arch, embedding_maps, layers_of, model_problems, one_value, rope_theta,
-                           swiglu_maps, require)
+from train.hf.arch import (Arch, is_kind, common_config, embedding_maps, layers_of, model_problems, one_value, rope_theta,
+                           swiglu_maps, require, unmapped_options)
 from train.hf.tensors import TensorMap, linear, same
 
 NAME = "DeepseekV3"
+MAPPED_MLA_FIELDS = frozenset({"num_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                               "v_head_dim", "rope_theta"})
 LATENT_NORM_EPS = 1e-6  # transformers' DeepseekV3RMSNorm default, used for q_a/kv_a_layernorm
 
 
@@ -39,9 +41,10 @@ class DeepseekV3(Arch):
         problems = model_problems(mc, NAME)
         mla = []
         for i, name, c in layers_of(mc):
-            if c.kind != MLAConfig.kind or not isinstance(c, MLAConfig):
+            if not is_kind(c, MLAConfig):
                 problems.append(f"layer {i} ({name}): mixer kind {c.kind!r} is not mla; {NAME}: MLA in every layer")
             else:
+                problems += unmapped_options(f"layer {i} ({name}): ", c, MAPPED_MLA_FIELDS, NAME, {})
                 mla.append((i, name, c))
         if mla:
             one_value(mla, "MLA dims (num_heads, q_lora_rank, kv_lora_rank, nope, rope, v)",
@@ -57,22 +60,15 @@ class DeepseekV3(Arch):
         c = m.mixer(m.layer_names()[0])
         nope, rope, v, rank = c.dims(m.d_model)
         return {
-            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-            "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.hidden,
-            "num_hidden_layers": m.num_layers, "num_attention_heads": c.num_heads,
+            **common_config(cfg, "DeepseekV3ForCausalLM", "deepseek_v3"), "num_attention_heads": c.num_heads,
             "num_key_value_heads": c.num_heads, "q_lora_rank": c.q_lora_rank, "kv_lora_rank": rank,
             "qk_nope_head_dim": nope, "qk_rope_head_dim": rope, "v_head_dim": v,
             # every layer dense: no MoE module is built, so these are never read
             "first_k_dense_replace": m.num_layers, "n_routed_experts": 1, "n_shared_experts": 1,
             "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1, "moe_intermediate_size": 1,
             "routed_scaling_factor": 1.0, "norm_topk_prob": True, "num_nextn_predict_layers": 0,
-            "hidden_act": "silu", "rms_norm_eps": m.norm_eps, "tie_word_embeddings": m.tie_embeddings,
             "rope_parameters": {"rope_type": "default", "rope_theta": float(c.rope_theta)},
             "rope_interleave": False, "attention_bias": False, "attention_dropout": 0.0,
-            "max_position_embeddings": cfg.data.seq_len, "initializer_range": m.init_std, "use_cache": True,
-            # DeepseekV3Config's defaults (bos 0, eos 1) would stop generation at token 1
-            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-            "dtype": "float32", "torch_dtype": "float32",
         }
 
     def tensors(self, mc: ModelConfig) -> list[TensorMap]:

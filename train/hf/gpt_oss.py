@@ -29,7 +29,7 @@ import numpy as np
 
 from layers.attention.config import AttentionConfig
 from models.config import ModelConfig
-from train.hf.arch import (Arch, embedding_maps, layers_of, model_problems, one_value, period, require, rope_theta,
+from train.hf.arch import (Arch, is_kind, common_config, embedding_maps, layers_of, model_problems, one_value, period, require, rope_theta,
                            unmapped_options)
 from train.hf.llama import FULL, SLIDING, WHY_NOT, attention_maps
 from train.hf.tensors import TensorMap, constant, same
@@ -63,7 +63,7 @@ class GptOss(Arch):
         problems = model_problems(mc, NAME)
         attn = []
         for i, name, c in layers_of(mc):
-            if c.kind != AttentionConfig.kind or not isinstance(c, AttentionConfig):
+            if not is_kind(c, AttentionConfig):
                 problems.append(f"layer {i} ({name}): mixer kind {c.kind!r} is not softmax attention; "
                                 f"{NAME}: attention with sinks in every layer")
                 continue
@@ -84,18 +84,13 @@ class GptOss(Arch):
         cs = [m.mixer(n) for n in m.layer_names()]
         window = next((c.window for c in cs if c.window is not None), None)
         return {
-            "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
-            "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.hidden,
-            "num_hidden_layers": m.num_layers, "num_attention_heads": cs[0].num_heads,
+            **common_config(cfg, "GptOssForCausalLM", "gpt_oss"), "num_attention_heads": cs[0].num_heads,
             "num_key_value_heads": cs[0].kv_heads, "head_dim": cs[0].dim_per_head(m.d_model),
             "num_local_experts": 1, "num_experts_per_tok": 1, "swiglu_alpha": 1.0, "swiglu_limit": NO_LIMIT,
             "router_aux_loss_coef": 0.0, "output_router_logits": False,
             "sliding_window": window, "layer_types": [FULL if c.window is None else SLIDING for c in cs],
-            "rms_norm_eps": m.norm_eps, "tie_word_embeddings": m.tie_embeddings, "attention_bias": False,
-            "attention_dropout": 0.0, "rope_parameters": {"rope_type": "default", "rope_theta": float(cs[0].rope_theta)},
-            "max_position_embeddings": cfg.data.seq_len, "hidden_act": "silu", "initializer_range": m.init_std,
-            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True,
-            "dtype": "float32", "torch_dtype": "float32",
+            "attention_bias": False, "attention_dropout": 0.0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": float(cs[0].rope_theta)},
         }
 
     def tensors(self, mc: ModelConfig) -> list[TensorMap]:
@@ -128,8 +123,9 @@ class GptOss(Arch):
         types = c.get("layer_types") or [SLIDING if i % 2 == 0 else FULL for i in range(n)]
         require(c, "layer_types", lambda v: v is None or (len(v) == n and set(v) <= {FULL, SLIDING}),
                 f"{n} of {FULL!r} / {SLIDING!r}")
-        head_dim = int(c.get("head_dim") or d // heads)
-        base = AttentionConfig(num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
+        # absent keys take GptOssConfig's defaults (64, 8); null ones its fallbacks (d / H, H)
+        head_dim = int(c.get("head_dim", 64) or d // heads)
+        base = AttentionConfig(num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads", 8) or heads),
                                head_dim=None if head_dim * heads == d else head_dim, sinks=True,
                                rope_theta=rope_theta(c))
         mixers = {"attn": base}

@@ -50,7 +50,7 @@ import numpy as np
 from layers.attention.config import AttentionConfig
 from layers.config import ConfigError
 from models.config import ModelConfig
-from train.hf.arch import (Arch, embedding_maps, layers_of, model_problems, one_value, period, rope_theta,
+from train.hf.arch import (Arch, is_kind, common_config, embedding_maps, layers_of, model_problems, one_value, period, rope_theta,
                            swiglu_maps, unmapped_options)
 from train.hf.tensors import TensorMap, linear, same
 
@@ -102,8 +102,7 @@ class LlamaFamily(Arch):
         problems = model_problems(mc, NAME)
         attn = []
         for i, name, c in layers_of(mc):
-            # by kind, not class: a future mixer may extend AttentionConfig and compute something else
-            if c.kind != AttentionConfig.kind or not isinstance(c, AttentionConfig):
+            if not is_kind(c, AttentionConfig):
                 problems.append(f"layer {i} ({name}): mixer kind {c.kind!r} is not softmax attention; "
                                 f"{NAME} have nothing else")
                 continue
@@ -138,18 +137,10 @@ class LlamaFamily(Arch):
         where transformers 4 reads it)."""
         m, a = cfg.model, self.resolve(cfg.model)[0]
         out = {
-            "architectures": [a.architecture], "model_type": a.model_type,
-            "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.hidden,
-            "num_hidden_layers": m.num_layers, "num_attention_heads": a.num_heads,
-            "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim, "hidden_act": "silu",
-            # the context the model was trained at; RoPE itself has no limit
-            "max_position_embeddings": cfg.data.seq_len,
-            "rms_norm_eps": m.norm_eps, "tie_word_embeddings": m.tie_embeddings,
-            "initializer_range": m.init_std,
+            **common_config(cfg, a.architecture, a.model_type),
+            "num_attention_heads": a.num_heads, "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim,
             "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta}, "rope_theta": a.rope_theta,
-            "attention_dropout": 0.0, "use_cache": True,
-            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-            "dtype": "float32", "torch_dtype": "float32",
+            "attention_dropout": 0.0,
         }
         if a.model_type == "llama":
             out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)

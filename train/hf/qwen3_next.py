@@ -36,16 +36,14 @@ from layers.attention.config import AttentionConfig
 from layers.config import ConfigError
 from layers.linear_attention.config import GDNConfig, qkv_widths
 from models.config import ModelConfig
-from train.hf.arch import (Arch, embedding_maps, layers_of, model_problems, one_value, period, require,
+from train.hf.arch import (Arch, is_kind, common_config, embedding_maps, layers_of, model_problems, one_value, period, require,
                            rope_theta, swiglu_maps, unmapped_options)
 from train.hf.tensors import TensorMap, conv, fused, linear, offset, same
 
 NAME = "Qwen3-Next"
 LINEAR, FULL = "linear_attention", "full_attention"
 MAPPED_ATTENTION_FIELDS = frozenset({"num_heads", "num_kv_heads", "head_dim", "qk_norm", "rope_theta", "gate"})
-# dt_* / a_init_*: initialisation only
-MAPPED_GDN_FIELDS = frozenset({"num_heads", "expand_k", "expand_v", "conv_size", "dt_min", "dt_max",
-                               "dt_init_floor", "a_init_min", "a_init_max"})
+MAPPED_GDN_FIELDS = frozenset({"num_heads", "expand_k", "expand_v", "conv_size"})
 WHY_NOT = {
     "window": "full causal attention only (no sliding-window layer type)",
     "logit_softcap": "no soft-capping of attention logits",
@@ -63,23 +61,19 @@ HF_DEFAULTS = {"head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_di
                "num_experts": 512, "decoder_sparse_step": 1, "num_key_value_heads": 2, "rms_norm_eps": 1e-6}
 
 
-def _is(c, cls) -> bool:
-    return c.kind == cls.kind and isinstance(c, cls)  # by kind: a subclass may compute something else
-
-
 def _split(mc: ModelConfig):
     """(gdn layers, attention layers, problems) of `mc`, one problem per layer or option."""
     problems = model_problems(mc, NAME)
     gdn, attn = [], []
     for i, name, c in layers_of(mc):
         where = f"layer {i} ({name}): "
-        if _is(c, GDNConfig):
+        if is_kind(c, GDNConfig):
             problems += unmapped_options(where, c, MAPPED_GDN_FIELDS, NAME, WHY_NOT)
             if c.conv_size == 0:
                 problems.append(f"{where}conv_size=0; {NAME}: its gated DeltaNet always has the short conv + SiLU "
                                 "on q/k/v (set conv_size >= 2)")
             gdn.append((i, name, c))
-        elif _is(c, AttentionConfig):
+        elif is_kind(c, AttentionConfig):
             problems += unmapped_options(where, c, MAPPED_ATTENTION_FIELDS, NAME, WHY_NOT)
             if not c.qk_norm:
                 problems.append(f"{where}qk_norm=False; {NAME}: its attention always has q/k RMSNorm "
@@ -119,16 +113,14 @@ class Qwen3Next(Arch):
         top level, where transformers 4 reads them)."""
         m = cfg.model
         layers = layers_of(m)
-        g = next((c for _, _, c in layers if _is(c, GDNConfig)),
+        g = next((c for _, _, c in layers if is_kind(c, GDNConfig)),
                  GDNConfig(num_heads=1, expand_k=1.0, expand_v=1.0))  # no gdn layer: written, never read
-        a = next(c for _, _, c in layers if _is(c, AttentionConfig))
+        a = next(c for _, _, c in layers if is_kind(c, AttentionConfig))
         dk, dv = qkv_widths(g, m.d_model)
         theta = float(a.rope_theta)
         return {
-            "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next",
-            "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.hidden,
-            "num_hidden_layers": m.num_layers,
-            "layer_types": [LINEAR if _is(c, GDNConfig) else FULL for _, _, c in layers],
+            **common_config(cfg, "Qwen3NextForCausalLM", "qwen3_next"),
+            "layer_types": [LINEAR if is_kind(c, GDNConfig) else FULL for _, _, c in layers],
             "num_attention_heads": a.num_heads, "num_key_value_heads": a.kv_heads,
             "head_dim": a.dim_per_head(m.d_model), "attention_bias": False, "attention_dropout": 0.0,
             "rope_parameters": {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": 1.0},
@@ -140,11 +132,6 @@ class Qwen3Next(Arch):
             "num_experts_per_tok": 1, "moe_intermediate_size": m.hidden,
             "shared_expert_intermediate_size": m.hidden, "norm_topk_prob": True,
             "output_router_logits": False, "router_aux_loss_coef": 0.0,
-            "hidden_act": "silu", "rms_norm_eps": m.norm_eps, "tie_word_embeddings": m.tie_embeddings,
-            "initializer_range": m.init_std,
-            "max_position_embeddings": cfg.data.seq_len,  # the context trained at; RoPE has no limit
-            "use_cache": True, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-            "dtype": "float32", "torch_dtype": "float32",
         }
 
     def tensors(self, mc: ModelConfig) -> list[TensorMap]:
@@ -152,7 +139,7 @@ class Qwen3Next(Arch):
         for i, _, c in layers_of(mc):
             hf, ours = f"model.layers.{i}", f"layers.{i}.mixer"
             out.append(offset(f"{hf}.input_layernorm.weight", f"layers.{i}.mixer_norm.scale", -1.0))
-            if _is(c, GDNConfig):
+            if is_kind(c, GDNConfig):
                 dk, dv = qkv_widths(c, d)
                 la = f"{hf}.linear_attn"
                 out += [fused(f"{la}.in_proj_qkvz.weight", [f"{ours}.{n}_proj.kernel" for n in "qkvg"],

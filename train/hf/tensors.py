@@ -79,8 +79,8 @@ def conv(hf: str, ours: str) -> TensorMap:
 def offset(hf: str, ours: str, delta: float) -> TensorMap:
     """Stored as ours + delta: a norm scale w for an architecture whose norm multiplies by
     (1 + w') ("zero-centred", delta = -1). Exact both ways wherever w - 1 is representable
-    (|w| >= 1/2, by Sterbenz's lemma, which trained norm scales are in practice); export warns
-    about the others (`round_trips`)."""
+    (1/2 <= w < 2^24, by Sterbenz's lemma, where trained norm scales are in practice); export
+    warns about the others (`round_trips`)."""
     d = np.float32(delta)
     return TensorMap(hf, (ours,), lambda a: (a.astype(np.float32) + d), lambda a: (a.astype(np.float32) - d,))
 
@@ -98,7 +98,7 @@ def constant(hf: str, value: np.ndarray, what: str) -> TensorMap:
     return TensorMap(hf, (), lambda: value, from_hf)
 
 
-def round_trips(m: TensorMap, arrays: Sequence[np.ndarray]) -> bool:
-    """Whether import(export(arrays)) gives back exactly `arrays`."""
-    back = m.from_hf(m.to_hf(*arrays))
+def round_trips(m: TensorMap, arrays: Sequence[np.ndarray], hf: np.ndarray | None = None) -> bool:
+    """Whether import(export(arrays)) gives back exactly `arrays` (`hf`: their export, if made)."""
+    back = m.from_hf(m.to_hf(*arrays) if hf is None else hf)
     return all(np.array_equal(a, b) for a, b in zip(arrays, back))

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 from layers.linear_attention.config import MLSTMConfig
 from models.config import ModelConfig
-from train.hf.arch import Arch, layers_of, model_problems, one_value, require, unmapped_options
+from train.hf.arch import Arch, is_kind, common_config, layers_of, model_problems, one_value, require, unmapped_options
 from train.hf.tensors import TensorMap, linear, same
 
 NAME = "xLSTM"
-MAPPED_MLSTM_FIELDS = frozenset({"num_heads", "expand_qk", "expand_v", "gate_soft_cap", "input_gate", "output_norm",
-                                 "igate_bias_init", "fgate_bias_init_min", "fgate_bias_init_max"})  # the last 3: init
+MAPPED_MLSTM_FIELDS = frozenset({"num_heads", "expand_qk", "expand_v", "gate_soft_cap", "input_gate", "output_norm"})
 WHY_NOT = {"conv_size": "no convolution in the mLSTM layer"}
 NO_CAP = 1e9  # output_logit_soft_cap that leaves logits as they are (transformers requires a float)
 CACHE_MULTIPLE = 64
@@ -51,7 +50,7 @@ class XLSTM(Arch):
                             "model.tie_embeddings=false")
         cells = []
         for i, name, c in layers_of(mc):
-            if c.kind != MLSTMConfig.kind or not isinstance(c, MLSTMConfig):
+            if not is_kind(c, MLSTMConfig):
                 problems.append(f"layer {i} ({name}): mixer kind {c.kind!r} is not mlstm; {NAME}: mLSTM in every layer")
                 continue
             where = f"layer {i} ({name}): "
@@ -66,9 +65,11 @@ class XLSTM(Arch):
                 problems.append(f"{where}gate_soft_cap=None; {NAME}: gates are always soft-capped")
             for field in ("expand_qk", "expand_v"):
                 width = mc.d_model * getattr(c, field)
-                if width % CACHE_MULTIPLE:
-                    problems.append(f"{where}d_model * {field} = {width:g}; {NAME}: a multiple of {CACHE_MULTIPLE} "
-                                    "(its decode cache rounds head widths up to it)")
+                if int(width) != round(width) or round(width) % CACHE_MULTIPLE:
+                    # transformers truncates d * factor to an int; its cache rounds it up to 64
+                    problems.append(f"{where}d_model * {field} = {width!r}; {NAME}: a whole multiple of "
+                                    f"{CACHE_MULTIPLE} (its layer truncates the width, its decode cache rounds "
+                                    "it up to that)")
             cells.append((i, name, c))
         one_value(cells, "mlstm options", lambda c: (c.num_heads, c.expand_qk, c.expand_v, c.gate_soft_cap), problems)
         return problems
@@ -76,10 +77,12 @@ class XLSTM(Arch):
     def config(self, cfg) -> dict:
         m = cfg.model
         c = m.mixer(m.layer_names()[0])
+        out = common_config(cfg, "xLSTMForCausalLM", "xlstm")
+        for key in ("intermediate_size", "hidden_act", "rms_norm_eps"):  # xLSTM's own keys say these
+            del out[key]
         return {
-            "architectures": ["xLSTMForCausalLM"], "model_type": "xlstm",
-            "vocab_size": m.vocab_size, "hidden_size": m.d_model, "embedding_dim": m.d_model,
-            "num_hidden_layers": m.num_layers, "num_blocks": m.num_layers, "num_heads": c.num_heads,
+            **out, "embedding_dim": m.d_model,
+            "num_blocks": m.num_layers, "num_heads": c.num_heads,
             "qk_dim_factor": c.expand_qk, "v_dim_factor": c.expand_v,
             "ffn_proj_factor": m.hidden / m.d_model, "ffn_round_up_to_multiple_of": m.hidden,
             "use_bias": False, "add_out_norm": True, "norm_eps": m.norm_eps, "eps": 1e-6,
@@ -87,9 +90,7 @@ class XLSTM(Arch):
             "tie_word_embeddings": False, "weight_mode": "single", "mode": "inference",
             "chunkwise_kernel": "chunkwise--native_autograd", "sequence_kernel": "native_sequence__native",
             "step_kernel": "native", "chunk_size": 64, "autocast_kernel_dtype": "float32",
-            "inference_state_dtype": "float32", "use_cache": True,
-            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-            "dtype": "float32", "torch_dtype": "float32",
+            "inference_state_dtype": "float32",
         }
 
     def tensors(self, mc: ModelConfig) -> list[TensorMap]:

@@ -1,6 +1,6 @@
 """Run a Hugging Face export through transformers (PyTorch, CPU, float32, eager attention).
 
-    .venv-torch/bin/python tests/hf_torch_check.py EXPORT_DIR IN.npz OUT.npz [EXPORT_DIR IN.npz OUT.npz ...]
+    .venv-torch/bin/python scripts/hf_torch_check.py EXPORT_DIR IN.npz OUT.npz [EXPORT_DIR IN.npz OUT.npz ...]
 
 Runs under .venv-torch (scripts/setup_torch.sh), never under .venv: it needs only torch,
 transformers and numpy. Several triples share one start-up (importing torch and transformers
@@ -15,7 +15,8 @@ takes seconds). For each triple:
               tokens); when IN has `prompt`, `generated` int [new_tokens]: greedy generation
               through the model's own decode cache (`generate`, do_sample=False)
 
-tests/train/test_hf.py compares these with Chimera's own forward and tokenizer.
+tests/train/test_hf.py, tests/train/test_hf_hybrids.py and scripts/verify_hf_export.py compare these
+with Chimera's own forward, decode and tokenizer.
 """
 from __future__ import annotations
 
