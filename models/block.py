@@ -22,21 +22,27 @@ class Block(nnx.Module):
     params (mixer_post_norm / mlp_post_norm, mixer_scale / mlp_scale) exist only when on, so a
     plain pre-norm block's param tree is the same as before they existed. With both, the scale
     multiplies the normed output.
+
+    model.mlp_hidden=0 leaves the MLP branch out (mlp_norm, mlp and their options are None):
+    x + branch(mixer, x) alone, as Mamba2's blocks.
     """
 
     def __init__(self, name: str, cfg: ModelConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
         self.name = name
         self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = build_mixer(cfg.mixer(name), ctx, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.hidden, std=ctx.init_std, out_std=ctx.out_std,
-                          dtype=ctx.dtype, rngs=rngs)
+        has_mlp = cfg.hidden > 0
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps) if has_mlp else None
+        self.mlp = (SwiGLU(cfg.d_model, cfg.hidden, std=ctx.init_std, out_std=ctx.out_std, dtype=ctx.dtype, rngs=rngs)
+                    if has_mlp else None)
         if cfg.post_norm:
             self.mixer_post_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-            self.mlp_post_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+            if has_mlp:
+                self.mlp_post_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if cfg.layer_scale is not None:
             self.mixer_scale = param(jnp.full((cfg.d_model,), cfg.layer_scale, jnp.float32), ("norm",))
-            self.mlp_scale = param(jnp.full((cfg.d_model,), cfg.layer_scale, jnp.float32), ("norm",))
+            if has_mlp:
+                self.mlp_scale = param(jnp.full((cfg.d_model,), cfg.layer_scale, jnp.float32), ("norm",))
 
     def _branch_out(self, y, x, which: str):
         """The output y of branch `which` ("mixer" / "mlp") as it is added to x."""
@@ -52,7 +58,8 @@ class Block(nnx.Module):
     def __call__(self, x, *, positions, segment_ids, cache=None):
         y, cache = self.mixer(self.mixer_norm(x), positions=positions, segment_ids=segment_ids, cache=cache)
         x = constrain(x + self._branch_out(y, x, "mixer"), RESIDUAL)
-        x = constrain(x + self._branch_out(self.mlp(self.mlp_norm(x)), x, "mlp"), RESIDUAL)
+        if self.mlp is not None:
+            x = constrain(x + self._branch_out(self.mlp(self.mlp_norm(x)), x, "mlp"), RESIDUAL)
         return x, cache
 
 

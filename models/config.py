@@ -35,7 +35,7 @@ class ModelConfig:
     num_layers: int = 4
     pattern: tuple[str, ...] = ("attn",)
     mixers: Mapping[str, MixerConfig] = field(default_factory=dict)  # added to DEFAULT_MIXERS
-    mlp_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 64
+    mlp_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 64; 0: no MLP (Mamba2's blocks)
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2), PaLM style; 0 disables
@@ -87,6 +87,10 @@ class ModelConfig:
                                                  and math.isfinite(self.layer_scale) and self.layer_scale > 0):
             raise ConfigError(f"model.layer_scale must be a finite number > 0 (the initial LayerScale, "
                               f"e.g. 0.1 or 1e-5) or None (off), got {self.layer_scale!r}")
+        if self.mlp_hidden is not None and (isinstance(self.mlp_hidden, bool) or not isinstance(self.mlp_hidden, int)
+                                            or self.mlp_hidden < 0):
+            raise ConfigError(f"model.mlp_hidden must be an int >= 0 (0: blocks without an MLP) or None "
+                              f"(8/3 d_model), got {self.mlp_hidden!r}")
         if self.vocab_size is not None and self.vocab_size < 2:
             raise ConfigError(f"model.vocab_size must be >= 2 or None, got {self.vocab_size}")
         for name, mc in self.mixers.items():

@@ -38,6 +38,8 @@ DEFAULT_STATE_LENGTHS = (1024, 4096, 16384, 65536)
 
 
 def _count(module) -> int:
+    if module is None:  # a block without an MLP
+        return 0
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param))))
 
 

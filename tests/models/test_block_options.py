@@ -257,3 +257,22 @@ def test_lm_with_a_none_layer_trains():
     np.testing.assert_array_equal(np.asarray(blocks["loop"][0]["blocks"][0]["mixer_norm"]["scale"][...]), 1.0)
     assert np.abs(np.asarray(blocks["scanned"]["blocks"][1]["mixer_norm"]["scale"][...]) - 1.0).max() > 1e-3
     assert not any("mixer" in p for p, _ in nnx.to_flat_state(blocks["loop"][0]["blocks"][0]))
+
+
+def test_a_block_without_an_mlp_is_its_mixer_branch_alone():
+    """model.mlp_hidden=0 (Mamba2's blocks): x + norm'(mixer(norm(x))), no MLP params at all."""
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=D, num_layers=2, pattern=("lin",), mixers=LIN, mlp_hidden=0,
+                      post_norm=True)
+    blk = Block("lin", cfg, _ctx(cfg), rngs=nnx.Rngs(params=0))
+    _randomize_vectors(blk, seed=2)
+    assert blk.mlp is None and blk.mlp_norm is None and not hasattr(blk, "mlp_post_norm")
+    x, pos, seg = _inputs()
+    got, _ = blk(x, positions=pos, segment_ids=seg)
+    y, _ = blk.mixer(_rms(x, blk.mixer_norm.scale[...], 1e-6), positions=pos, segment_ids=seg)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(x + _rms(y, blk.mixer_post_norm.scale[...], 1e-6)),
+                               rtol=1e-5, atol=1e-5)
+    assert not any(".mlp" in n for n in _param_names(cfg))
+    parts = param_counts(nnx.eval_shape(lambda: models.build(cfg, RT)))
+    assert parts["mlp"] == 0 and parts["norms"] == (1 + 2 * 2) * D
+    with pytest.raises(ConfigError, match=r"model\.mlp_hidden must be an int >= 0"):
+        dataclasses.replace(cfg, mlp_hidden=-1).check()

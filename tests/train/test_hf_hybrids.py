@@ -1,5 +1,5 @@
 """Hybrid and non-Llama models exported to the transformers architectures that hold them
-(train/hf/: Qwen3-Next, Bamba, GptOss, DeepseekV3, xLSTM), verified against transformers itself.
+(train/hf/: Qwen3-Next, Bamba, Mamba2, GptOss, DeepseekV3, xLSTM), verified against transformers itself.
 
 Each case is a tiny model with random weights (tests/train/test_export.random_params: no two
 tensors alike, norm scales away from 1) saved as a run directory and exported with
@@ -45,6 +45,10 @@ CASES = {
         vocab_size=256, d_model=D, num_layers=4, pattern=("ssd", "attn"),
         mixers={"ssd": SSDConfig(head_dim=16, state_dim=16, n_groups=2),
                 "attn": AttentionConfig(num_heads=4, num_kv_heads=2)})),
+    # Mamba2 blocks: SSD only, no MLP, tied embeddings
+    "mamba2": ("Mamba2ForCausalLM", ModelConfig(
+        vocab_size=256, d_model=D, num_layers=3, pattern=("ssd",), mlp_hidden=0,
+        mixers={"ssd": SSDConfig(head_dim=16, state_dim=16, n_groups=2, conv_size=3)})),
     # learned sinks in every layer, sliding-window 1 : 1 full, GQA (the MLP as a one-expert mixture)
     "gpt_oss": ("GptOssForCausalLM", ModelConfig(
         vocab_size=256, d_model=D, num_layers=4, pattern=("swa", "attn"), tie_embeddings=False,

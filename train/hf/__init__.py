@@ -32,6 +32,7 @@ from train.hf.bamba import Bamba
 from train.hf.deepseek_v3 import DeepseekV3
 from train.hf.gpt_oss import GptOss
 from train.hf.llama import LlamaFamily
+from train.hf.mamba2 import Mamba2
 from train.hf.qwen3_next import Qwen3Next
 from train.hf.xlstm import XLSTM
 from train.hf.tensors import TensorMap, round_trips
@@ -39,7 +40,7 @@ from train.hf.tokenizer import byte_tokenizer_json, write_hf_tokenizer
 
 log = logging.getLogger("chimera.hf")
 
-ARCHS: tuple[Arch, ...] = (LlamaFamily(), GptOss(), DeepseekV3(), XLSTM(), Qwen3Next(), Bamba())
+ARCHS: tuple[Arch, ...] = (LlamaFamily(), GptOss(), DeepseekV3(), XLSTM(), Qwen3Next(), Bamba(), Mamba2())
 SAFETENSORS_HINT = "(--format safetensors exports any model)"
 
 __all__ = ["ARCHS", "choose_arch", "hf_config", "write_hf_config", "hf_tensors", "model_config_from_hf",

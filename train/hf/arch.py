@@ -100,9 +100,15 @@ def unmapped_options(where: str, cfg, mapped: Iterable[str], arch: str, why: dic
             for f, v in non_default_fields(cfg, set(mapped) | INIT_ONLY_FIELDS)]
 
 
-def model_problems(mc: ModelConfig, arch: str, mapped=MAPPED_MODEL_FIELDS) -> list[str]:
-    """Block / model options outside what `arch` holds."""
-    return unmapped_options("model.", mc, mapped, arch, MODEL_WHY_NOT)
+def model_problems(mc: ModelConfig, arch: str, mapped=MAPPED_MODEL_FIELDS, mlp: bool = True) -> list[str]:
+    """Block / model options outside what `arch` holds; `mlp`: whether its blocks have an MLP
+    (mlp_hidden > 0) or none (mlp_hidden = 0)."""
+    problems = unmapped_options("model.", mc, mapped, arch, MODEL_WHY_NOT)
+    if mlp and mc.hidden == 0:
+        problems.append(f"model.mlp_hidden=0; {arch}: an MLP in every block")
+    elif not mlp and mc.hidden:
+        problems.append(f"model.mlp_hidden={mc.hidden}; {arch}: no MLP in its blocks (model.mlp_hidden=0)")
+    return problems
 
 
 def one_value(layers: list[tuple[int, str, object]], what: str, get, problems: list[str]):

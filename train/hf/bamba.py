@@ -71,6 +71,19 @@ def _kinds(mc: ModelConfig, problems: list[str]):
     return ssd, attn
 
 
+def ssd_maps(hf: str, ours: str, c: SSDConfig, d_model: int) -> list[TensorMap]:
+    """Our SSD mixer (params under `ours`) as transformers' Mamba2 mixer (under `hf`: Bamba's
+    `mamba`, Mamba2's `mixer`)."""
+    d_in, gn = c.expand * d_model, c.n_groups * c.state_dim
+    return [fused(f"{hf}.in_proj.weight", [f"{ours}.{n}_proj.kernel" for n in ("z", "x", "bc", "dt")],
+                  [d_in, d_in, 2 * gn, c.num_heads(d_model)]),
+            conv(f"{hf}.conv1d.weight", f"{ours}.conv.kernel"),
+            same(f"{hf}.conv1d.bias", f"{ours}.conv.bias"),
+            *(same(f"{hf}.{n}", f"{ours}.{n}") for n in ("A_log", "D", "dt_bias")),
+            same(f"{hf}.norm.weight", f"{ours}.norm.scale"),
+            linear(f"{hf}.out_proj.weight", f"{ours}.out_proj.kernel")]
+
+
 class Bamba(Arch):
     name = NAME
     model_types = ("bamba",)
@@ -115,14 +128,7 @@ class Bamba(Arch):
         for i, _, c in layers_of(mc):
             h, ours = f"model.layers.{i}", f"layers.{i}.mixer"
             if isinstance(c, SSDConfig):
-                d_in, gn = c.expand * mc.d_model, c.n_groups * c.state_dim
-                mixer = [fused(f"{h}.mamba.in_proj.weight", [f"{ours}.{n}_proj.kernel" for n in ("z", "x", "bc", "dt")],
-                               [d_in, d_in, 2 * gn, c.num_heads(mc.d_model)]),
-                         conv(f"{h}.mamba.conv1d.weight", f"{ours}.conv.kernel"),
-                         same(f"{h}.mamba.conv1d.bias", f"{ours}.conv.bias"),
-                         *(same(f"{h}.mamba.{n}", f"{ours}.{n}") for n in ("A_log", "D", "dt_bias")),
-                         same(f"{h}.mamba.norm.weight", f"{ours}.norm.scale"),
-                         linear(f"{h}.mamba.out_proj.weight", f"{ours}.out_proj.kernel")]
+                mixer = ssd_maps(f"{h}.mamba", ours, c, mc.d_model)
             else:
                 mixer = attention_maps(i, c)
             out += [same(f"{h}.input_layernorm.weight", f"layers.{i}.mixer_norm.scale"), *mixer,
@@ -139,7 +145,7 @@ class Bamba(Arch):
         require(c, "mamba_proj_bias", lambda v: not v, "mamba_proj_bias=false (no projection biases)")
         require(c, "mlp_bias", lambda v: not v, "mlp_bias=false")
         if "time_step_limit" in c:
-            require(c, "time_step_limit", _no_limit, "time_step_limit (0, inf) or left out (dt is not clamped)")
+            require(c, "time_step_limit", no_time_step_limit, "time_step_limit (0, inf) or left out (dt is not clamped)")
         indices = set(c.get("attn_layer_indices") or ())
         require(c, "attn_layer_indices", lambda v: indices <= set(range(n)), f"layer indices in [0, {n})")
         names = ["attn" if i in indices else "ssd" for i in range(n)]
@@ -172,7 +178,7 @@ class Bamba(Arch):
             init_std=float(c.get("initializer_range", 0.02)))
 
 
-def _no_limit(v) -> bool:
+def no_time_step_limit(v) -> bool:
     """Whether a time_step_limit is (0, inf); save_pretrained writes inf as {"__float__": "Infinity"}."""
     if not isinstance(v, (list, tuple)) or len(v) != 2:
         return False
