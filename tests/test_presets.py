@@ -8,8 +8,9 @@ from train.loop import run
 
 # The bigger presets, and those whose mixers other tests train (the hybrids: tests/models/
 # test_linear_hybrids.py; the attention variants: tests/layers/; tiny: every test of
-# tests/train/test_loop.py starts from it), are the slow extras.
-SLOW = ("tiny", "gpt125m", "gated_attn", "sigmoid_attn", "mla", "gdn_hybrid", "hgrn2_hybrid", "gla_hybrid", "moba_hybrid", "nsa_hybrid", "titans_hybrid", "titans", "moneta", "yaad",
+# tests/train/test_loop.py starts from it; mqar: tests/train/test_sweep.py's sweep trains it), are the
+# slow extras.
+SLOW = ("tiny", "mqar", "gpt125m", "gated_attn", "sigmoid_attn", "mla", "gdn_hybrid", "hgrn2_hybrid", "gla_hybrid", "moba_hybrid", "nsa_hybrid", "titans_hybrid", "titans", "moneta", "yaad",
         "memora", "ttt_linear", "ttt_mlp", "titans_mac", "titans_mag", "titans_mal")
 
 

@@ -239,7 +239,7 @@ def test_prefill_then_steps_equal_parallel_form(kind):
     np.testing.assert_array_equal(np.asarray(mem.segment), np.asarray(seg[:, -1]))
 
 
-F64_SPECS = {  # op-level decode vs parallel in float64; the first in the default tier
+F64_SPECS = {  # op-level decode vs parallel in float64, slow tier (the default tier decodes in float32 below)
     "titans_chunk_gates": MemorySpec(expansion=2, bias="huber", chunk_size=4, gate_granularity="chunk"),
     "memora_lagged": MemorySpec(expansion=2, residual=True, layernorm=True, retention="kl_softmax",
                                 algorithm="gd", chunk_size=3, read="chunk_lagged"),
@@ -253,8 +253,8 @@ F64_SPECS = {  # op-level decode vs parallel in float64; the first in the defaul
 CALLS = {4: [7, 5, 4, 1, 1, 1], 3: [7, 2, 6, 1, 2, 1], 5: [7, 3, 6, 1, 1, 1]}
 
 
-@pytest.mark.parametrize("name", [n if i == 0 else pytest.param(n, marks=pytest.mark.slow)
-                                  for i, n in enumerate(F64_SPECS)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(F64_SPECS))
 def test_decode_equals_parallel_in_float64(name, monkeypatch):
     """The decode state (chunk-start anchor, in-chunk decay product, held gates, grid position,
     last segment) reproduces the chunk-parallel op to 1e-10 in float64: calls of CALLS tokens
