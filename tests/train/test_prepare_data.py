@@ -1,0 +1,111 @@
+"""python -m train.prepare_data: tokenized ArrayRecord shards that round-trip exactly, split as
+the data pipeline splits, resumable after a kill, idempotent, and never overwritten."""
+import json
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordReader
+
+from train.config import ConfigError
+from train.data.documents import tokenized_corpus
+from train.data.files_source import file_texts
+from train.data.tokenizer import build_tokenizer
+from train.prepare_data import main, prepare
+
+
+def read_shard(path, dtype) -> list[np.ndarray]:
+    r = ArrayRecordReader(str(path))
+    out = [np.frombuffer(b, np.dtype(dtype).newbyteorder("<")) for b in r.read_all()]
+    r.close()
+    return out
+
+
+def split_tokens(out, meta, split) -> list[np.ndarray]:
+    return [t for s in meta["splits"][split]["shards"] for t in read_shard(out / s["file"], meta["plan"]["dtype"])]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(23):
+        words = rng.choice(["alpha", "beta", "gamma", "délta", "ε", "🦊", "\n"], size=int(rng.integers(5, 60)))
+        (d / f"doc{i:02d}.txt").write_text(" ".join(words))
+    (d / "empty.txt").write_text("")
+    return d
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_shards_hold_exactly_the_pipelines_documents(corpus, tmp_path, tokenizer):
+    if tokenizer == "bpe":
+        from train.train_tokenizer import main as train_tok
+        assert train_tok(["--source", "files", "--paths", str(corpus), "--vocab-size", "280",
+                          "--out", str(tmp_path / "tok.json")]) == 0
+        tokenizer = str(tmp_path / "tok.json")
+    out = tmp_path / "shards"
+    meta = prepare(out, "files", [str(corpus)], tokenizer=tokenizer, val_fraction=0.3, docs_per_shard=4)
+    want = tokenized_corpus("files", file_texts([str(corpus)], "text"), build_tokenizer(tokenizer), 0.3)
+    for split, docs in (("train", want.train), ("validation", want.validation)):
+        got = split_tokens(out, meta, split)
+        assert len(got) == len(docs.records) > 0
+        for i, a in enumerate(got):
+            np.testing.assert_array_equal(a, docs.records[i])
+        assert meta["splits"][split]["tokens"] == sum(map(len, got))
+        assert meta["splits"][split]["bytes"] == docs.num_bytes
+    assert meta["plan"]["split"] == "by_name" and len(meta["splits"]["train"]["shards"]) > 1
+    assert meta["plan"]["tokenizer"]["sha256"] is None if tokenizer == "byte" else len(meta["plan"]["tokenizer"]["sha256"]) == 64
+
+
+def test_a_single_document_is_cut_as_the_pipeline_cuts_it(corpus, tmp_path):
+    one = [str(corpus / "doc03.txt")]
+    meta = prepare(tmp_path / "one", "files", one)
+    want = tokenized_corpus("files", file_texts(one, "text"), build_tokenizer("byte"), 0.05)
+    assert meta["plan"]["split"] == "cut"
+    for split, docs in (("train", want.train), ("validation", want.validation)):
+        (got,) = split_tokens(tmp_path / "one", meta, split)
+        np.testing.assert_array_equal(got, docs.records[0])
+        assert meta["splits"][split]["bytes"] == docs.num_bytes
+
+
+def test_rerun_writes_nothing_and_a_killed_run_resumes(corpus, tmp_path):
+    out = tmp_path / "shards"
+    meta = prepare(out, "files", [str(corpus)], docs_per_shard=5)
+    files = sorted(out.iterdir())
+    stamp = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    assert prepare(out, "files", [str(corpus)], docs_per_shard=5) == meta
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.iterdir())} == stamp
+    # a kill after two shards: no metadata, one shard missing, one cut short under its temporary name
+    lost = out / meta["splits"]["train"]["shards"][2]["file"]
+    (out / "metadata.json").unlink()
+    lost.rename(lost.with_name(lost.name + ".tmp"))
+    lost.with_name(lost.name + ".tmp").write_bytes(b"half")
+    assert prepare(out, "files", [str(corpus)], docs_per_shard=5) == meta
+    assert {p: p.read_bytes() for p in sorted(out.iterdir())} == {p: b for p, (_, b) in stamp.items()}
+    kept = out / meta["splits"]["train"]["shards"][0]["file"]
+    assert kept.stat().st_mtime_ns == stamp[kept][0]  # whole shards are not written again
+
+
+def test_another_input_or_setting_is_refused_and_nothing_changes(corpus, tmp_path, capsys):
+    out = tmp_path / "shards"
+    prepare(out, "files", [str(corpus)])
+    before = {p: p.read_bytes() for p in out.iterdir()}
+    (corpus / "doc00.txt").write_text("changed text")
+    with pytest.raises(ConfigError, match=r"prepared from another plan \(differs in corpus_sha256\)"):
+        prepare(out, "files", [str(corpus)])
+    assert main(["--source", "files", "--paths", str(corpus), "--docs-per-shard", "7", "--out", str(out)]) == 2
+    assert "differs in corpus_sha256, docs_per_shard" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.iterdir()} == before
+    for args, match in [(["--source", "files"], "--source files needs --paths"),
+                        (["--docs-per-shard", "0"], "--docs-per-shard must be >= 1"),
+                        (["--val-fraction", "1.5"], "--val-fraction must be in"),
+                        (["--tokenizer", str(tmp_path / "nope.json")], "data.tokenizer=")]:
+        assert main(args + ["--out", str(tmp_path / "new")]) == 2
+        assert match in capsys.readouterr().err
+
+
+def test_cli_prints_the_counts(corpus, tmp_path, capsys):
+    assert main(["--source", "files", "--paths", str(corpus), "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    meta = json.loads((tmp_path / "s" / "metadata.json").read_text())
+    assert f"train: {meta['splits']['train']['documents']} documents" in out and "uint16" in out
