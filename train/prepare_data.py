@@ -60,16 +60,6 @@ def tokenizer_identity(spec: str) -> dict:
     return ident
 
 
-def read_documents(source: str, paths: Sequence[str], text_key: str) -> list[tuple[str, str]]:
-    if source == "stdlib":
-        from train.data.stdlib_source import stdlib_texts
-        return stdlib_texts()
-    if source == "files":
-        from train.data.files_source import file_texts
-        return file_texts(paths, text_key)
-    raise ConfigError(f"--source {source!r} is not accepted; choose one of {list(SOURCES)}")
-
-
 def corpus_sha256(docs: Sequence[tuple[str, str]]) -> str:
     h = hashlib.sha256()
     for key, text in docs:
@@ -77,17 +67,6 @@ def corpus_sha256(docs: Sequence[tuple[str, str]]) -> str:
             b = part.encode("utf-8")
             h.update(len(b).to_bytes(8, "little") + b)
     return h.hexdigest()
-
-
-def split_plan(keys: Sequence[str], val_fraction: float) -> tuple[str, list[int], list[int]]:
-    """("by_name" or "cut", train document indices, validation document indices): the data
-    pipeline's rule (documents.tokenized_corpus)."""
-    from train.data.documents import ALL_VALIDATION, is_validation
-    val = [is_validation(k, val_fraction) for k in keys]
-    if keys and (not any(val) or (all(val) and val_fraction <= ALL_VALIDATION)):
-        every = list(range(len(keys)))
-        return "cut", every, every
-    return "by_name", [i for i, v in enumerate(val) if not v], [i for i, v in enumerate(val) if v]
 
 
 def shard_name(split: str, i: int) -> str:
@@ -109,16 +88,23 @@ def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), 
             docs_per_shard: int = 4096, progress: bool = False) -> dict:
     """Write (or finish, or confirm) the shards of `out`; returns the metadata. See the module
     docstring."""
-    from train.data.documents import held_out_tokens
+    from train.data.documents import cut_point, source_texts, validation_flags
     from train.data.tokenizer import build_tokenizer
     if docs_per_shard < 1:
         raise ConfigError(f"--docs-per-shard must be >= 1, got {docs_per_shard}")
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if source not in SOURCES:
+        raise ConfigError(f"--source {source!r} is not accepted; choose one of {list(SOURCES)}")
     out = Path(out)
-    docs = read_documents(source, paths, text_key)
+    # empty texts tokenize to nothing and would only add empty segments: the pipeline drops them too
+    docs = [(k, t) for k, t in source_texts(source, paths, text_key) if t]
     tok = build_tokenizer(tokenizer)
-    mode, train_idx, val_idx = split_plan([k for k, _ in docs], val_fraction)
+    val = validation_flags([k for k, _ in docs], val_fraction)
+    mode = "cut" if val is None else "by_name"
+    every = list(range(len(docs)))
+    train_idx = every if val is None else [i for i in every if not val[i]]
+    val_idx = every if val is None else [i for i in every if val[i]]
     plan = {"format": FORMAT, "source": source, "paths": [str(Path(p).absolute()) for p in paths],
             "text_key": text_key, "val_fraction": val_fraction, "docs_per_shard": docs_per_shard,
             "tokenizer": tokenizer_identity(tokenizer), "documents": len(docs), "corpus_sha256": corpus_sha256(docs),
@@ -151,14 +137,12 @@ def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), 
             texts = [docs[j][1] for j in idx]
             tokens = tok.encode_batch(texts)
             sizes = [len(x.encode("utf-8")) for x in texts]
-            if mode == "cut":  # the pipeline's cut (documents._cut_documents), bytes apportioned as there
-                held = [held_out_tokens(len(t), val_fraction) for t in tokens]
-                val_bytes = [round(b * h / len(t)) if h else 0 for b, h, t in zip(sizes, held, tokens)]
+            if mode == "cut":  # the pipeline's cut of each document (documents.cut_point)
+                cuts = [cut_point(len(t), b, val_fraction) for t, b in zip(tokens, sizes)]
                 if split == "train":
-                    tokens = [t[:len(t) - h] for t, h in zip(tokens, held)]
-                    sizes = [b - v for b, v in zip(sizes, val_bytes)]
+                    tokens, sizes = [t[:c] for t, (c, _) in zip(tokens, cuts)], [b - v for b, (_, v) in zip(sizes, cuts)]
                 else:
-                    tokens, sizes = [t[len(t) - h:] for t, h in zip(tokens, held)], val_bytes
+                    tokens, sizes = [t[c:] for t, (c, _) in zip(tokens, cuts)], [v for _, v in cuts]
             kept = [(t.astype(dtype), b) for t, b in zip(tokens, sizes) if len(t)]  # empty: no segment
             records = [t for t, _ in kept]
             nbytes = sum(b for _, b in kept)

@@ -41,19 +41,14 @@ SOURCES = ("stdlib", "files")
 def training_texts(source: str, paths: Sequence[str] = (), text_key: str = "text",
                    val_fraction: float = DataConfig().val_fraction) -> list[str]:
     """The texts of `source` that the training split holds, in the source's order."""
-    from train.data.documents import is_validation
-    if source == "stdlib":
-        from train.data.stdlib_source import stdlib_texts
-        docs = stdlib_texts()
-    elif source == "files":
-        from train.data.files_source import file_texts
-        docs = file_texts(paths, text_key)
-    else:
+    from train.data.documents import source_texts, validation_flags
+    if source not in SOURCES:
         raise ConfigError(f"--source {source!r} is not accepted; choose one of {list(SOURCES)}")
-    train = [text for key, text in docs if not is_validation(key, val_fraction)]
-    if len(train) in (0, len(docs)):  # the split by name left a side empty: the pipeline cuts tails
-        train = [text[:len(text) - round(len(text) * val_fraction)] for _, text in docs]
-    return [t for t in train if t]
+    docs = [(k, t) for k, t in source_texts(source, paths, text_key) if t]
+    val = validation_flags([k for k, _ in docs], val_fraction)
+    if val is None:  # the split by name would leave a side empty: the pipeline cuts tails instead
+        return [text[:len(text) - round(len(text) * val_fraction)] for _, text in docs]
+    return [text for (_, text), v in zip(docs, val) if not v]
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):

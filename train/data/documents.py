@@ -29,7 +29,8 @@ ALL_VALIDATION = 1.0 - 1e-6
 # A document cut in two gives each side at least this many tokens: one input and its target.
 MIN_PIECE = 2
 
-__all__ = ["TokenDocs", "TokenPieces", "DocSplit", "Corpus", "is_validation", "tokenized_corpus"]
+__all__ = ["TokenDocs", "TokenPieces", "DocSplit", "Corpus", "is_validation", "validation_flags", "cut_point",
+           "source_texts", "tokenized_corpus"]
 
 
 class TokenDocs:
@@ -137,6 +138,34 @@ def is_validation(key: str, val_fraction: float) -> bool:
     return h / 2.0**64 < val_fraction
 
 
+def validation_flags(keys: Sequence[str], val_fraction: float) -> list[bool] | None:
+    """Which documents the split by name sends to validation, or None when that would leave a
+    split empty and every document is cut instead (`cut_point`). An empty train split is kept when
+    val_fraction > ALL_VALIDATION (every document asked for as validation)."""
+    val = [is_validation(k, val_fraction) for k in keys]
+    if keys and (not any(val) or (all(val) and val_fraction <= ALL_VALIDATION)):
+        return None
+    return val
+
+
+def cut_point(num_tokens: int, num_bytes: int, val_fraction: float) -> tuple[int, int]:
+    """Where a cut document splits: (tokens that stay in train, bytes that go to validation).
+    Bytes are apportioned by token share: which bytes each token stands for is not kept."""
+    held = held_out_tokens(num_tokens, val_fraction)
+    return num_tokens - held, (round(num_bytes * held / num_tokens) if held else 0)
+
+
+def source_texts(source: str, paths: Sequence[str] = (), text_key: str = "text") -> list[tuple[str, str]]:
+    """(key, text) documents of an in-memory text source: "stdlib" or "files"."""
+    if source == "stdlib":
+        from train.data.stdlib_source import stdlib_texts
+        return stdlib_texts()
+    if source == "files":
+        from train.data.files_source import file_texts
+        return file_texts(paths, text_key)
+    raise ConfigError(f"source {source!r} has no in-memory texts; accepted: stdlib, files")
+
+
 def held_out_tokens(n: int, val_fraction: float) -> int:
     """Tokens at the end of an n-token document that go to validation when documents are cut:
     the `val_fraction` share, rounded, but at least MIN_PIECE and leaving MIN_PIECE for train;
@@ -162,13 +191,10 @@ def _cut_documents(source: str, docs: Sequence[tuple[str, np.ndarray, int]], val
     """
     train, val = [], []
     for key, tokens, nbytes in docs:
-        held = held_out_tokens(len(tokens), val_fraction)
-        if held == 0:
+        cut, val_bytes = cut_point(len(tokens), nbytes, val_fraction)
+        if cut == len(tokens):
             train.append((key, tokens, nbytes))
             continue
-        cut = len(tokens) - held
-        # Bytes are apportioned by token share: which bytes each token stands for is not kept here.
-        val_bytes = round(nbytes * held / len(tokens))
         train.append((f"{key}[:{cut}]", tokens[:cut], nbytes - val_bytes))
         val.append((f"{key}[{cut}:]", tokens[cut:], val_bytes))
     total = sum(len(t) for _, t, _ in docs)
@@ -197,12 +223,11 @@ def tokenized_corpus(source: str, keyed_texts: Sequence[tuple[str, str]], tokeni
     texts = [t for _, t in keyed_texts]
     tokens = tokenizer.encode_batch(texts) if texts else []
     docs = [(key, toks, len(text.encode("utf-8"))) for key, toks, text in zip(keys, tokens, texts) if len(toks)]
-    val = [is_validation(key, val_fraction) for key, _, _ in docs]
+    val = validation_flags([key for key, _, _ in docs], val_fraction)
+    if val is None:
+        return _cut_documents(source, docs, val_fraction, "train" if all(
+            is_validation(key, val_fraction) for key, _, _ in docs) else "validation")
     train_docs = [d for d, v in zip(docs, val) if not v]
     val_docs = [d for d, v in zip(docs, val) if v]
-    if docs and not val_docs:
-        return _cut_documents(source, docs, val_fraction, "validation")
-    if docs and not train_docs and val_fraction <= ALL_VALIDATION:
-        return _cut_documents(source, docs, val_fraction, "train")
     return Corpus(train=_doc_split(source, "train", train_docs),
                   validation=_doc_split(source, "validation", val_docs))

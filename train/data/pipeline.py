@@ -26,12 +26,10 @@ import grain
 import numpy as np
 
 from train.config import ConfigError, DataConfig
-from train.data.documents import Corpus, DocSplit, TokenDocs, TokenPieces, tokenized_corpus
-from train.data.files_source import file_texts
+from train.data.documents import Corpus, DocSplit, TokenDocs, TokenPieces, source_texts, tokenized_corpus
 from train.data.iterator import DataIterator
 from train.data.mqar import MQARExamples
 from train.data.packing import EXAMPLE_KEYS, empty_example, pack_documents
-from train.data.stdlib_source import stdlib_texts
 from train.data.tokenizer import IdTokenizer, Tokenizer, build_tokenizer
 
 __all__ = ["Batch", "make_train_iterator", "make_eval_batches", "get_tokenizer", "task_vocab_size",
@@ -75,7 +73,7 @@ def _in_memory_corpus(source: str, tokenizer: str, paths: tuple[str, ...], text_
                       val_fraction: float) -> Corpus:
     """Read and tokenize a stdlib / files corpus once per process (train, eval and the unigram
     baseline all ask for it; loading is the slow part)."""
-    texts = stdlib_texts() if source == "stdlib" else file_texts(paths, text_key)
+    texts = source_texts(source, paths, text_key)
     corpus = tokenized_corpus(source, texts, _tokenizer(tokenizer), val_fraction)
     log.info("data source %s (tokenizer %s): %s; %s", source, tokenizer,
              corpus.train.describe(), corpus.validation.describe())
