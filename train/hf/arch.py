@@ -111,6 +111,21 @@ def model_problems(mc: ModelConfig, arch: str, mapped=MAPPED_MODEL_FIELDS, mlp: 
     return problems
 
 
+def layers_of_kind(mc: ModelConfig, cls, arch: str, what: str, mapped: Iterable[str],
+                   why: dict[str, str]) -> tuple[list[tuple[int, str, object]], list[str]]:
+    """For an architecture with one mixer kind in every layer: the (index, name, cfg) of the
+    layers of `cls`'s kind, and one problem per layer of another kind ("is not {what}") and per
+    option of those layers outside `mapped`."""
+    layers, problems = [], []
+    for i, name, c in layers_of(mc):
+        if not is_kind(c, cls):
+            problems.append(f"layer {i} ({name}): mixer kind {c.kind!r} is not {what}; {arch}: {what} in every layer")
+            continue
+        problems += unmapped_options(f"layer {i} ({name}): ", c, mapped, arch, why)
+        layers.append((i, name, c))
+    return layers, problems
+
+
 def one_value(layers: list[tuple[int, str, object]], what: str, get, problems: list[str]):
     """The value `get(cfg)` shared by all (index, name, cfg) layers, or a problem naming them."""
     groups: dict = {}

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from layers.attention.config import MLAConfig
 from models.config import ModelConfig
-from train.hf.arch import (Arch, is_kind, common_config, embedding_maps, layers_of, model_problems, one_value, rope_theta,
-                           swiglu_maps, require, unmapped_options)
+from train.hf.arch import (Arch, common_config, embedding_maps, layers_of, layers_of_kind, model_problems,
+                           one_value, require, rope_theta, swiglu_maps)
 from train.hf.tensors import TensorMap, linear, same
 
 NAME = "DeepseekV3"
@@ -38,14 +38,8 @@ class DeepseekV3(Arch):
     kinds = frozenset({"mla"})
 
     def problems(self, mc: ModelConfig) -> list[str]:
-        problems = model_problems(mc, NAME)
-        mla = []
-        for i, name, c in layers_of(mc):
-            if not is_kind(c, MLAConfig):
-                problems.append(f"layer {i} ({name}): mixer kind {c.kind!r} is not mla; {NAME}: MLA in every layer")
-            else:
-                problems += unmapped_options(f"layer {i} ({name}): ", c, MAPPED_MLA_FIELDS, NAME, {})
-                mla.append((i, name, c))
+        mla, problems = layers_of_kind(mc, MLAConfig, NAME, "mla", MAPPED_MLA_FIELDS, {})
+        problems = model_problems(mc, NAME) + problems
         if mla:
             one_value(mla, "MLA dims (num_heads, q_lora_rank, kv_lora_rank, nope, rope, v)",
                       lambda c: (c.num_heads, c.q_lora_rank, *c.dims(mc.d_model)), problems)

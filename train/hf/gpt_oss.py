@@ -29,8 +29,8 @@ import numpy as np
 
 from layers.attention.config import AttentionConfig
 from models.config import ModelConfig
-from train.hf.arch import (Arch, is_kind, common_config, embedding_maps, layers_of, model_problems, one_value, period, require, rope_theta,
-                           unmapped_options)
+from train.hf.arch import (Arch, common_config, embedding_maps, layers_of, layers_of_kind, model_problems,
+                           one_value, period, require, rope_theta)
 from train.hf.llama import FULL, SLIDING, WHY_NOT, attention_maps
 from train.hf.tensors import TensorMap, constant, same
 
@@ -60,18 +60,11 @@ class GptOss(Arch):
     kinds = frozenset({"attention"})
 
     def problems(self, mc: ModelConfig) -> list[str]:
-        problems = model_problems(mc, NAME)
-        attn = []
-        for i, name, c in layers_of(mc):
-            if not is_kind(c, AttentionConfig):
-                problems.append(f"layer {i} ({name}): mixer kind {c.kind!r} is not softmax attention; "
-                                f"{NAME}: attention with sinks in every layer")
-                continue
-            problems += unmapped_options(f"layer {i} ({name}): ", c, MAPPED_ATTENTION_FIELDS, NAME, WHY_NOT)
-            if not c.sinks:
-                problems.append(f"layer {i} ({name}): sinks=False; {NAME}: learned sinks in every layer "
-                                f"(model.mixers.{name}.sinks=true)")
-            attn.append((i, name, c))
+        attn, problems = layers_of_kind(mc, AttentionConfig, NAME, "softmax attention", MAPPED_ATTENTION_FIELDS,
+                                        WHY_NOT)
+        problems = model_problems(mc, NAME) + problems
+        problems += [f"layer {i} ({name}): sinks=False; {NAME}: learned sinks in every layer "
+                     f"(model.mixers.{name}.sinks=true)" for i, name, c in attn if not c.sinks]
         d = mc.d_model
         one_value(attn, "head layout (num_heads, num_kv_heads, head dim)",
                   lambda c: (c.num_heads, c.kv_heads, c.dim_per_head(d)), problems)

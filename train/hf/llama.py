@@ -50,8 +50,8 @@ import numpy as np
 from layers.attention.config import AttentionConfig
 from layers.config import ConfigError
 from models.config import ModelConfig
-from train.hf.arch import (Arch, is_kind, common_config, embedding_maps, layers_of, model_problems, one_value, period, rope_theta,
-                           swiglu_maps, unmapped_options)
+from train.hf.arch import (Arch, common_config, embedding_maps, layers_of, layers_of_kind, model_problems,
+                           one_value, period, rope_theta, swiglu_maps)
 from train.hf.tensors import TensorMap, linear, same
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -99,15 +99,9 @@ class LlamaFamily(Arch):
     kinds = frozenset({"attention"})
 
     def resolve(self, mc: ModelConfig) -> tuple[Resolved | None, list[str]]:
-        problems = model_problems(mc, NAME)
-        attn = []
-        for i, name, c in layers_of(mc):
-            if not is_kind(c, AttentionConfig):
-                problems.append(f"layer {i} ({name}): mixer kind {c.kind!r} is not softmax attention; "
-                                f"{NAME} have nothing else")
-                continue
-            problems += unmapped_options(f"layer {i} ({name}): ", c, MAPPED_ATTENTION_FIELDS, NAME, WHY_NOT)
-            attn.append((i, name, c))
+        attn, problems = layers_of_kind(mc, AttentionConfig, NAME, "softmax attention", MAPPED_ATTENTION_FIELDS,
+                                        WHY_NOT)
+        problems = model_problems(mc, NAME) + problems
         if not attn:
             return None, problems
         d = mc.d_model

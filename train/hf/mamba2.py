@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from layers.linear_attention.config import SSDConfig
 from models.config import ModelConfig
-from train.hf.arch import (Arch, common_config, is_kind, layers_of, model_problems, one_value, require,
-                           unmapped_options)
+from train.hf.arch import Arch, common_config, layers_of, layers_of_kind, model_problems, one_value, require
 from train.hf.bamba import MAPPED_SSD_FIELDS, SSD_SHARED, no_time_step_limit, ssd_maps
 from train.hf.tensors import TensorMap, linear, same
 
@@ -29,16 +28,10 @@ class Mamba2(Arch):
     kinds = frozenset({"ssd"})
 
     def problems(self, mc: ModelConfig) -> list[str]:
-        problems = model_problems(mc, NAME, mlp=False)
-        ssd = []
-        for i, name, c in layers_of(mc):
-            if not is_kind(c, SSDConfig):
-                problems.append(f"layer {i} ({name}): mixer kind {c.kind!r} is not ssd; {NAME}: SSD in every layer")
-                continue
-            problems += unmapped_options(f"layer {i} ({name}): ", c, MAPPED_SSD_FIELDS, NAME, {})
-            if c.conv_size == 0:
-                problems.append(f"layer {i} ({name}): conv_size=0; {NAME}: the SSD conv is always on (conv_size >= 2)")
-            ssd.append((i, name, c))
+        ssd, problems = layers_of_kind(mc, SSDConfig, NAME, "ssd", MAPPED_SSD_FIELDS, {})
+        problems = model_problems(mc, NAME, mlp=False) + problems
+        problems += [f"layer {i} ({name}): conv_size=0; {NAME}: the SSD conv is always on (conv_size >= 2)"
+                     for i, name, c in ssd if c.conv_size == 0]
         one_value(ssd, "ssd (" + ", ".join(SSD_SHARED) + ")", lambda c: tuple(getattr(c, f) for f in SSD_SHARED),
                   problems)
         return problems

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from layers.linear_attention.config import MLSTMConfig
 from models.config import ModelConfig
-from train.hf.arch import Arch, is_kind, common_config, layers_of, model_problems, one_value, require, unmapped_options
+from train.hf.arch import Arch, common_config, layers_of, layers_of_kind, model_problems, one_value, require
 from train.hf.tensors import TensorMap, linear, same
 
 NAME = "xLSTM"
@@ -48,13 +48,10 @@ class XLSTM(Arch):
         if mc.tie_embeddings:
             problems.append(f"model.tie_embeddings=True; {NAME}: its lm_head is never tied, set "
                             "model.tie_embeddings=false")
-        cells = []
-        for i, name, c in layers_of(mc):
-            if not is_kind(c, MLSTMConfig):
-                problems.append(f"layer {i} ({name}): mixer kind {c.kind!r} is not mlstm; {NAME}: mLSTM in every layer")
-                continue
+        cells, other = layers_of_kind(mc, MLSTMConfig, NAME, "mlstm", MAPPED_MLSTM_FIELDS, WHY_NOT)
+        problems += other
+        for i, name, c in cells:
             where = f"layer {i} ({name}): "
-            problems += unmapped_options(where, c, MAPPED_MLSTM_FIELDS, NAME, WHY_NOT)
             if c.input_gate != "exp":
                 problems.append(f"{where}input_gate={c.input_gate!r}; {NAME}: the exponential input gate "
                                 f"(model.mixers.{name}.input_gate=exp)")
@@ -70,7 +67,6 @@ class XLSTM(Arch):
                     problems.append(f"{where}d_model * {field} = {width!r}; {NAME}: a whole multiple of "
                                     f"{CACHE_MULTIPLE} (its layer truncates the width, its decode cache rounds "
                                     "it up to that)")
-            cells.append((i, name, c))
         one_value(cells, "mlstm options", lambda c: (c.num_heads, c.expand_qk, c.expand_v, c.gate_soft_cap), problems)
         return problems
 
