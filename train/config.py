@@ -62,12 +62,20 @@ class DataConfig:
       mqar    synthetic multi-query associative recall (see MQARConfig)
       files   local .txt / .jsonl files or directories in `paths` (JSONL: field `text_key`)
       tfds    `tfds.data_source(tfds_name)` (array_record), feature `text_key`
-    paths belongs to source files, tfds_name and tfds_data_dir to source tfds; setting one with
-      another source is an error (it would be silently ignored).
+      shards  directories made by `python -m train.prepare_data`, in `paths`, streamed by grain
+              (train.data.shards): nothing is tokenized or held in memory at start-up, each
+              host reads only the rows of its own devices, `workers` worker processes
+    paths belongs to sources files and shards, tfds_name and tfds_data_dir to source tfds,
+      mixture, eval_paths and workers to source shards; setting one with another source is an
+      error (it would be silently ignored).
+    mixture: one weight per shard directory in `paths` (a row comes from directory i with
+      probability w_i / sum w); empty = in proportion to their training tokens.
+    eval_paths: shard directories read whole as the validation data, instead of the held-out
+      validation split of each directory in `paths`.
     tokenizer: "byte" (256 ids), or a path to a local tokenizer.json (HF tokenizers) or a
       SentencePiece .model file.
     """
-    source: Literal["stdlib", "mqar", "files", "tfds"] = "stdlib"
+    source: Literal["stdlib", "mqar", "files", "tfds", "shards"] = "stdlib"
     seq_len: int = 256
     batch_size: int = 8  # sequences per optimizer step (split over train.grad_accum micro-steps)
     tokenizer: str = "byte"
@@ -80,6 +88,9 @@ class DataConfig:
     tfds_data_dir: str | None = None
     train_split: str = "train"
     eval_split: str = "validation"
+    mixture: tuple[float, ...] = ()
+    eval_paths: tuple[str, ...] = ()
+    workers: int = 0  # grain worker processes reading shards (0: a reader thread in this process)
     mqar: MQARConfig = field(default_factory=MQARConfig)
 
     def check(self) -> None:
@@ -89,12 +100,22 @@ class DataConfig:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.source == "files" and not self.paths:
             raise ConfigError("data.source='files' needs data.paths (files or directories)")
+        if self.source == "shards" and not self.paths:
+            raise ConfigError("data.source='shards' needs data.paths (directories made by python -m "
+                              "train.prepare_data)")
         if self.source == "tfds" and not self.tfds_name:
             raise ConfigError("data.source='tfds' needs data.tfds_name")
-        for name, source in (("paths", "files"), ("tfds_name", "tfds"), ("tfds_data_dir", "tfds")):
-            if getattr(self, name) and self.source != source:
+        for name, sources in (("paths", ("files", "shards")), ("tfds_name", ("tfds",)), ("tfds_data_dir", ("tfds",)),
+                              ("mixture", ("shards",)), ("eval_paths", ("shards",)), ("workers", ("shards",))):
+            if getattr(self, name) and self.source not in sources:
                 raise ConfigError(f"data.{name} is set but data.source={self.source!r}; "
-                                  f"add data.source={source} (or drop data.{name})")
+                                  f"add data.source={sources[0]} (or drop data.{name})")
+        if self.mixture and (len(self.mixture) != len(self.paths) or not all(
+                math.isfinite(w) and w >= 0 for w in self.mixture) or not sum(self.mixture) > 0):
+            raise ConfigError(f"data.mixture={list(self.mixture)} must hold one finite weight >= 0 per directory "
+                              f"of data.paths ({len(self.paths)}), not all zero")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.source == "mqar":

@@ -34,7 +34,8 @@ from train.config import Config, ConfigError, read_config_json, to_dict
 from train.data import (get_tokenizer, make_eval_batches, make_train_iterator, task_vocab_size,
                         unigram_bits_per_byte)
 from train.logger import RunLogger, write_atomic
-from train.mesh import check_batch, create_state, describe as describe_mesh, init_distributed, make_mesh, place_batch
+from train.mesh import (check_batch, create_state, describe as describe_mesh, host_rows, init_distributed, make_mesh,
+                        place_batch)
 from train import hardware
 from train.metrics import Throughput, peak_flops
 from train.optim import effective_warmup, learning_rate_schedule, make_optimizer
@@ -243,8 +244,9 @@ def run(cfg: Config, run_dir: str | Path, *, from_scratch: bool = False) -> dict
 
     # The data first: a bad path or an empty split fails here, before seconds of model building.
     tokenizer = get_tokenizer(cfg.data)
-    train_iter = make_train_iterator(cfg.data, seed=tc.seed)
-    host_eval_batches = make_eval_batches(cfg.data, tc.eval_batches)
+    rows = host_rows(mesh, cfg.data.batch_size)  # each process reads only its own rows of a batch
+    train_iter = make_train_iterator(cfg.data, seed=tc.seed, host_rows=rows)
+    host_eval_batches = make_eval_batches(cfg.data, tc.eval_batches, host_rows=rows)
     unigram = unigram_bits_per_byte(cfg.data)
 
     tx, schedule = make_optimizer(cfg.optimizer, tc.steps)
@@ -294,7 +296,7 @@ def run(cfg: Config, run_dir: str | Path, *, from_scratch: bool = False) -> dict
                 else:
                     if state is None:  # every checkpoint was unreadable and --from-scratch was given
                         graphdef, state, _ = build_state()
-                        train_iter = make_train_iterator(cfg.data, seed=tc.seed)
+                        train_iter = make_train_iterator(cfg.data, seed=tc.seed, host_rows=rows)
                     if tc.init_from:
                         state["params"] = _warm_start(tc.init_from, graphdef, state["params"])
                 if main:
@@ -310,13 +312,21 @@ def run(cfg: Config, run_dir: str | Path, *, from_scratch: bool = False) -> dict
         _drop_log_buffer(log_buffer)
 
 
+def _sum_over_processes(x: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x)).sum(0)
+
+
 def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_eval_batches, mesh, *,
            tokenizer, unigram, restored, main, n_params, flops_total) -> dict:
     """The training loop proper, from the state's step to train.steps; closes `ckpt` (waiting
     for its last save) before the logger, so a logging failure never skips a pending save."""
     tc = cfg.train
     step = start_step = int(state["step"])
-    eval_batches = [place_batch(b, mesh) for b in host_eval_batches]
+    B = cfg.data.batch_size
+    eval_batches = [place_batch(b, mesh, B) for b in host_eval_batches]
     if unigram is not None:
         log.info("baseline: the training split's unigram entropy is %.3f bits/byte", unigram)
     is_text = cfg.data.source != "mqar"
@@ -337,9 +347,19 @@ def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_e
     last_saved = step if restored else None
     summary: dict = {}
 
+    mixture = train_iter.source_names if len(train_iter.source_names) > 1 else ()
+
+    def count_sources() -> dict[str, float]:
+        """The mixture's tokens per source so far, summed over processes (all call it together)."""
+        if not mixture:
+            return {}
+        train_iter.source_tokens = train_iter.source_tokens + _sum_over_processes(train_iter.take_local_tokens())
+        return {f"tokens/{n}": float(t) for n, t in zip(mixture, train_iter.source_tokens)}
+
     def save(at: int) -> None:
         nonlocal last_saved
         if last_saved != at:
+            count_sources()  # the saved data state carries the counts up to this step
             ckpt.save(at, state, train_iter.get_state())
             last_saved = at
 
@@ -348,7 +368,7 @@ def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_e
         with _StopSignal() as stop, use_mesh(mesh):
             t_start = time.perf_counter()
             while step < tc.steps:
-                batch = place_batch(next(train_iter), mesh)
+                batch = place_batch(next(train_iter), mesh, B)
                 state, m = train_step(state, batch)
                 m = jax.device_get(m)
                 ckpt.poll()  # a failed background save stops the run here, one step after it failed
@@ -370,6 +390,7 @@ def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_e
                 first = step == start_step + 1
                 if first or step % tc.log_every == 0 or step == tc.steps:
                     rec = {k: float(m[k]) for k in ("loss", "ce", "accuracy", "grad_norm", "lr")}
+                    rec.update(count_sources())
                     if first:  # this step compiled: report that, not a throughput
                         rec["compile_and_step_s"] = time.perf_counter() - t_start
                         meter.restart()
@@ -418,5 +439,6 @@ def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_e
         try:
             ckpt.close()
         finally:
+            train_iter.close()  # its reader threads and worker processes
             if logger is not None:
                 logger.close()

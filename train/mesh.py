@@ -3,16 +3,17 @@
     init_distributed(cfg.runtime)          # multi-host: before anything touches devices
     mesh = make_mesh(cfg.runtime)          # ("data", "fsdp", "tensor")
     graphdef, state, notes = create_state(build_model, tx, seed, mesh)
-    batch = place_batch(numpy_batch, mesh)
+    lo, hi = host_rows(mesh, batch_size)   # the rows of each global batch this process holds
+    batch = place_batch(host_batch, mesh, batch_size)
 
 Where each param lives comes from the logical axis names it was created with and the rules in
 layers/sharding.py; the optimizer moments follow their params. The state is created directly
 in its sharded layout (a jitted init with out_shardings), so no host ever holds a full copy.
 
-Multi-host: every process runs the same program on the same config. Each one builds the same
-global batch (the data pipeline is deterministic for a seed) and hands jax only the rows its
-own devices hold (`jax.make_array_from_callback`), so no process needs to know which rows are
-whose. Orbax writes and reads checkpoints collectively.
+Multi-host: every process runs the same program on the same config. Each one reads only the
+rows of every global batch that its own devices hold (`host_rows`, one contiguous block per
+process) and hands them to jax (`jax.make_array_from_process_local_data`). Orbax writes and
+reads checkpoints collectively.
 """
 from __future__ import annotations
 
@@ -148,7 +149,20 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
                           f"(runtime.mesh_data x runtime.mesh_fsdp = {dp})")
 
 
-def place_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global numpy batch (identical on every process) -> jax arrays split by rows."""
+def host_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+    """[lo, hi): the rows of a global batch of `batch_size` that this process's devices hold."""
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    rows = sorted({r for idx in index_map.values() for r in range(*idx[0].indices(batch_size))})
+    lo, hi = rows[0], rows[-1] + 1
+    if len(rows) != hi - lo:
+        raise ConfigError(f"this process's devices hold rows {rows} of the batch, not one block; "
+                          "order the mesh so that each process holds consecutive rows")
+    return lo, hi
+
+
+def place_batch(batch: dict[str, np.ndarray], mesh: Mesh, batch_size: int | None = None) -> dict[str, jax.Array]:
+    """This process's rows of a global batch (`host_rows`) -> global jax arrays split by rows.
+    batch_size: the global batch's rows (default: the batch is the whole global one)."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]) for k, a in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, a, (batch_size or a.shape[0], *a.shape[1:]))
+            for k, a in batch.items()}

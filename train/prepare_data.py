@@ -6,11 +6,15 @@ every start.
         --out data/corpus-bpe [--docs-per-shard 4096]
 
 Output directory:
-    train-00000.array_record, ...        one record per document: its token ids as little-endian
-    validation-00000.array_record, ...   uint16 (vocabularies up to 65536) or int32
+    train-00000.array_record, ...        token ids as little-endian uint16 (vocabularies up to
+    validation-00000.array_record, ...   65536) or int32; one record per document, or per piece
+                                         of `--record-tokens` for longer ones (so that reading
+                                         one training row never reads a whole long document)
+    train-00000.index.npy, ...           int32 [records, 2]: each record's tokens and whether it
+                                         starts a document (1) or continues the one before (0)
     metadata.json                        written last: the plan (below), and per split its shard
-                                         files with their document and token counts, and the
-                                         split's documents, tokens and UTF-8 bytes
+                                         files with their document, record and token counts,
+                                         and the split's documents, tokens and UTF-8 bytes
 
 The split is the data pipeline's (train/data/documents.py): documents whose name hashes into
 `--val-fraction` are validation; when that leaves a side empty (a single document, say), the
@@ -41,23 +45,10 @@ import numpy as np
 from train.config import ConfigError, DataConfig
 
 log = logging.getLogger("chimera.data")
-FORMAT = "chimera-shards/1"
+FORMAT = "chimera-shards/2"
 PLAN_FILE, META_FILE = "plan.json", "metadata.json"
 SPLITS = ("train", "validation")
 SOURCES = ("stdlib", "files")
-
-
-def tokenizer_identity(spec: str) -> dict:
-    """What names a tokenizer exactly: its spec, kind, vocabulary size and its file's SHA-256."""
-    from train.data.tokenizer import SAVED_FILES, build_tokenizer
-    tok = build_tokenizer(spec)
-    ident = {"spec": spec, "kind": tok.kind, "vocab_size": int(tok.vocab_size), "sha256": None}
-    path = Path(spec)
-    if path.is_dir():
-        path = next(path / n for n in SAVED_FILES if (path / n).is_file())
-    if spec != "byte" and path.is_file():
-        ident["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return ident
 
 
 def corpus_sha256(docs: Sequence[tuple[str, str]]) -> str:
@@ -73,25 +64,48 @@ def shard_name(split: str, i: int) -> str:
     return f"{split}-{i:05d}.array_record"
 
 
-def _write_shard(path: Path, records: list[np.ndarray]) -> None:
+def index_name(shard: str) -> str:
+    return shard.removesuffix(".array_record") + ".index.npy"
+
+
+def records_of(docs: Sequence[np.ndarray], record_tokens: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Documents -> (records of at most `record_tokens` tokens, index int32 [records, 2] of
+    (tokens, starts a document))."""
+    records, index = [], []
+    for d in docs:
+        for i in range(0, len(d), record_tokens):
+            records.append(d[i:i + record_tokens])
+            index.append((len(records[-1]), i == 0))
+    return records, np.asarray(index, np.int32).reshape(-1, 2)
+
+
+def _write_shard(path: Path, records: list[np.ndarray], index: np.ndarray) -> None:
+    """The index first, then the shard under its final name: a shard present is whole and has
+    its index (a kill leaves at most *.tmp files and an index without its shard)."""
     from array_record.python.array_record_module import ArrayRecordWriter
+    idx = path.with_name(index_name(path.name))
+    with open(idx.with_name(idx.name + ".tmp"), "wb") as f:
+        np.save(f, index)
+    idx.with_name(idx.name + ".tmp").rename(idx)
     tmp = path.with_name(path.name + ".tmp")
     writer = ArrayRecordWriter(str(tmp), "group_size:1")
     for r in records:
         writer.write(r.tobytes())
     writer.close()
-    tmp.rename(path)  # whole or absent under the final name
+    tmp.rename(path)
 
 
 def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), text_key: str = "text",
             tokenizer: str = "byte", val_fraction: float = DataConfig().val_fraction,
-            docs_per_shard: int = 4096, progress: bool = False) -> dict:
+            docs_per_shard: int = 4096, record_tokens: int = 8192, progress: bool = False) -> dict:
     """Write (or finish, or confirm) the shards of `out`; returns the metadata. See the module
     docstring."""
     from train.data.documents import cut_point, source_texts, validation_flags
-    from train.data.tokenizer import build_tokenizer
+    from train.data.tokenizer import build_tokenizer, tokenizer_identity
     if docs_per_shard < 1:
         raise ConfigError(f"--docs-per-shard must be >= 1, got {docs_per_shard}")
+    if record_tokens < 1:
+        raise ConfigError(f"--record-tokens must be >= 1, got {record_tokens}")
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     if source not in SOURCES:
@@ -107,6 +121,7 @@ def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), 
     val_idx = every if val is None else [i for i in every if val[i]]
     plan = {"format": FORMAT, "source": source, "paths": [str(Path(p).absolute()) for p in paths],
             "text_key": text_key, "val_fraction": val_fraction, "docs_per_shard": docs_per_shard,
+            "record_tokens": record_tokens,
             "tokenizer": tokenizer_identity(tokenizer), "documents": len(docs), "corpus_sha256": corpus_sha256(docs),
             "split": mode, "dtype": "uint16" if tok.vocab_size <= 2**16 else "int32"}
     for name in (META_FILE, PLAN_FILE):
@@ -123,7 +138,7 @@ def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), 
     out.mkdir(parents=True, exist_ok=True)
     if not (out / PLAN_FILE).is_file():
         (out / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
-    for stale in out.glob("*.array_record.tmp"):  # a shard cut short by a kill: written again below
+    for stale in out.glob("*.tmp"):  # a shard or index cut short by a kill: written again below
         stale.unlink()
     dtype = np.dtype(plan["dtype"]).newbyteorder("<")
     meta = {"plan": plan, "splits": {}}
@@ -144,15 +159,18 @@ def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), 
                 else:
                     tokens, sizes = [t[c:] for t, (c, _) in zip(tokens, cuts)], [v for _, v in cuts]
             kept = [(t.astype(dtype), b) for t, b in zip(tokens, sizes) if len(t)]  # empty: no segment
-            records = [t for t, _ in kept]
+            documents = [t for t, _ in kept]
+            records, index = records_of(documents, record_tokens)
             nbytes = sum(b for _, b in kept)
             name = shard_name(split, start // docs_per_shard)
             if not (out / name).is_file():
-                _write_shard(out / name, records)
+                _write_shard(out / name, records, index)
+            n_tokens = int(index[:, 0].sum())
             s = stats[split]
-            s["shards"].append({"file": name, "documents": len(records), "tokens": int(sum(map(len, records)))})
-            s["documents"] += len(records)
-            s["tokens"] += int(sum(map(len, records)))
+            s["shards"].append({"file": name, "index": index_name(name), "documents": len(documents),
+                                "records": len(records), "tokens": n_tokens})
+            s["documents"] += len(documents)
+            s["tokens"] += n_tokens
             s["bytes"] += int(nbytes)
             bar.advance(task)
     meta["splits"] = stats
@@ -171,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokenizer", default="byte", help="as data.tokenizer: byte, a tokenizer.json, .model or directory")
     p.add_argument("--val-fraction", type=float, default=DataConfig().val_fraction)
     p.add_argument("--docs-per-shard", type=int, default=4096)
+    p.add_argument("--record-tokens", type=int, default=8192,
+                   help="longer documents are stored as several records of at most this many tokens")
     p.add_argument("--out", required=True, help="the shard directory (created; never overwritten)")
     args = p.parse_args(None if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -179,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.source == "files" and not args.paths:
             raise ConfigError("--source files needs --paths (.txt / .jsonl files or directories)")
         meta = prepare(args.out, args.source, args.paths, args.text_key, args.tokenizer, args.val_fraction,
-                       args.docs_per_shard, progress=sys.stderr.isatty())
+                       args.docs_per_shard, args.record_tokens, progress=sys.stderr.isatty())
     except ConfigError as e:
         print(f"prepare_data error: {e}", file=sys.stderr)
         return 2

@@ -34,7 +34,15 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
+@pytest.mark.parametrize("source", ["stdlib", "shards"])
+def test_two_processes_train_like_one(tmp_path, source):
+    """With shards each process reads only its own rows of every batch: the losses match the
+    single process only if the two halves make up the same global batches."""
+    args = list(ARGS)
+    if source == "shards":
+        from train.prepare_data import prepare
+        prepare(tmp_path / "shards")
+        args += ["data.source=shards", f"data.paths={tmp_path / 'shards'}", "data.workers=1"]
     port = free_port()
     procs = []
     for pid in range(2):
@@ -42,7 +50,7 @@ def test_two_processes_train_like_one(tmp_path):
                    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "train", "--run-dir", str(tmp_path / "multi"), "runtime.distributed=true", *ARGS],
+            [sys.executable, "-m", "train", "--run-dir", str(tmp_path / "multi"), "runtime.distributed=true", *args],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
@@ -51,5 +59,5 @@ def test_two_processes_train_like_one(tmp_path):
     assert "2 process(es), mesh data=2 x fsdp=2 x tensor=1" in log
     assert sorted(int(p.name) for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
 
-    run(apply_overrides(load_config("tiny"), ARGS), tmp_path / "single")  # 4 of this process's 8 devices
+    run(apply_overrides(load_config("tiny"), args), tmp_path / "single")  # 4 of this process's 8 devices
     np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"), rtol=2e-5)

@@ -12,9 +12,15 @@ tokenized, packed (train.data.packing), batched; endless; resumable through
 documents, so rows are independent draws from the whole corpus. Evaluation: the validation split
 as pieces in one fixed shuffled order, packed the same way, the first `num_batches` batches.
 
-Everything runs in this process: grain's worker processes are not used (they start with
-`spawn` and trip over absl flags outside `app.run`), and the CPU cost here is small next to a
-train step. Only the lazy `tfds` source reads and tokenizes ahead on grain's reader threads.
+In-memory and tfds sources run in this process and build the global batch on every host (each
+host keeps its own rows): their CPU cost is small next to a train step. Only the lazy `tfds`
+source reads and tokenizes ahead on grain's reader threads.
+
+Prepared shards (data.source=shards, train.data.shards) are the pretraining path: rows at random
+access, shuffled by grain's index shuffle (a new order every epoch), mixed by weight across
+directories, each host reading only its own rows of every global batch (`host_rows`), in
+`data.workers` grain worker processes. Global batch n is the same rows whatever the number of
+hosts or workers, so the iterator's state is just n.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import numpy as np
 
 from train.config import ConfigError, DataConfig
 from train.data.documents import Corpus, DocSplit, TokenDocs, TokenPieces, source_texts, tokenized_corpus
-from train.data.iterator import DataIterator
+from train.data.iterator import DataIterator, RowIterator
 from train.data.mqar import MQARExamples
 from train.data.packing import EXAMPLE_KEYS, empty_example, pack_documents
 from train.data.tokenizer import IdTokenizer, Tokenizer, build_tokenizer
@@ -64,6 +70,110 @@ def get_tokenizer(cfg: DataConfig) -> Tokenizer:
 def task_vocab_size(cfg: DataConfig) -> int:
     """Number of token ids the model must cover: the tokenizer's, or data.mqar.vocab_size."""
     return cfg.mqar.vocab_size if cfg.source == "mqar" else _tokenizer(cfg.tokenizer).vocab_size
+
+
+# ----------------------------------------------------------------------------- shards
+
+def _shard_sets(cfg: DataConfig, which: str) -> list:
+    """The ShardSets of data.paths for "train"; for "validation", those of data.eval_paths read
+    whole when given, else each directory's validation split. Checked against data.tokenizer."""
+    from train.data.shards import open_shard_set
+    from train.data.tokenizer import tokenizer_identity
+    ident = tokenizer_identity(cfg.tokenizer)
+    if which == "validation" and cfg.eval_paths:
+        return [open_shard_set(d, "all", ident) for d in cfg.eval_paths]
+    return [open_shard_set(d, which, ident) for d in cfg.paths]
+
+
+def _weights(cfg: DataConfig, sets: list) -> list[float]:
+    """data.mixture normalised; without it, the training sets' token shares."""
+    w = np.asarray(cfg.mixture if cfg.mixture else [s.num_tokens for s in sets], np.float64)
+    return list(w / w.sum())
+
+
+def _names(sets: list) -> tuple[str, ...]:
+    """A short name per source (its directory's name, numbered when names repeat)."""
+    names = [s.name for s in sets]
+    return tuple(n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names))
+
+
+def _mixed_rows(cfg: DataConfig, sets: list, weights: list[float], seed: int | None, partial: bool):
+    """MapDataset of rows: each set's rows (shuffled per epoch from `seed` and repeated when
+    seed is given; finite and in one fixed order for evaluation), mixed by weight."""
+    from train.data.shards import PackedRows
+    parts = []
+    for i, (s, w) in enumerate(zip(sets, weights)):
+        if w == 0:
+            continue
+        rows = PackedRows(s, cfg.seq_len, source_id=i, partial=partial)
+        if len(rows) == 0:
+            raise ConfigError(f"shard directory {s.directory} has {s.num_tokens} {s.split} tokens: fewer than one row "
+                              f"of data.seq_len + 1 = {cfg.seq_len + 1}")
+        ds = grain.MapDataset.source(rows)
+        if seed is None:
+            ds = ds.shuffle(seed=_EVAL_ORDER_SEED + i)
+        else:
+            ds = ds.shuffle(seed=_shuffle_seed(seed + 7919 * i)).repeat(None)
+        parts.append((ds, w))
+    if len(parts) == 1:
+        return parts[0][0]
+    return grain.MapDataset.mix([d for d, _ in parts], [w for _, w in parts])
+
+
+def _shards_unigram_bits_per_byte(cfg: DataConfig, tok: Tokenizer) -> float:
+    sets = _shard_sets(cfg, "train")
+    counts = np.zeros(tok.vocab_size, np.float64)
+    for s, w in zip(sets, _weights(cfg, sets)):
+        n = min(len(s), max(1, UNIGRAM_SAMPLE_DOCS // len(sets)))
+        picks = np.unique(np.linspace(0, len(s) - 1, n).astype(np.int64)) if len(s) else []
+        c = np.bincount(np.concatenate([s.record(i) for i in picks] + [np.zeros(0, np.int32)]),
+                        minlength=tok.vocab_size).astype(np.float64)
+        counts += w * c / max(c.sum(), 1.0)
+    log.info("unigram baseline from up to %d records per shard directory", UNIGRAM_SAMPLE_DOCS // len(sets))
+    return _entropy_bits_per_byte(counts, tok.token_bytes)
+
+
+def _absl_flags_parsed() -> None:
+    # grain's worker processes read absl flags, which are parsed only under absl's app.run
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _shards_train_iterator(cfg: DataConfig, seed: int, host_rows: tuple[int, int]) -> RowIterator:
+    sets = _shard_sets(cfg, "train")
+    weights = _weights(cfg, sets)
+    rows = _mixed_rows(cfg, sets, weights, seed, partial=False)
+    lo, hi = host_rows
+    width, B = hi - lo, cfg.batch_size
+    # element n of `mine` is rows [n B + lo, n B + hi) of the global stream: this host's part of
+    # global batch n (blocks of `width` rows, every (B / width)-th one from block lo / width)
+    mine = rows.batch(width)[lo // width::B // width]
+    workers = cfg.workers
+
+    def start(n: int) -> grain.IterDataset:
+        ds = mine[n:].to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+        if workers:
+            _absl_flags_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        return ds
+
+    from train.data.shards import describe
+    log.info("train iterator: shards %s; mixture %s; rows of %d tokens, global batch %d, this host rows "
+             "[%d, %d), %d worker process(es), seed %d", describe(sets),
+             ", ".join(f"{n} {w:.3g}" for n, w in zip(_names(sets), weights)), cfg.seq_len, B, lo, hi, workers, seed)
+    ident = {"source": "shards", "seq_len": cfg.seq_len, "batch_size": B, "seed": int(seed),
+             "shards": [s.fingerprint for s in sets], "mixture": [round(w, 12) for w in weights]}
+    return RowIterator(start, ident, _names(sets))
+
+
+def _shards_eval_rows(cfg: DataConfig, want: int) -> list:
+    """The first `want` validation rows (fewer if the data is short), as a random-access list."""
+    sets = _shard_sets(cfg, "validation")
+    weights = [1.0 / len(sets)] * len(sets) if cfg.eval_paths else _weights(cfg, _shard_sets(cfg, "train"))
+    rows = _mixed_rows(cfg, sets, weights, None, partial=True)
+    log.info("eval rows: shards %s", "; ".join(f"{s.directory} [{s.split}]" for s in sets))
+    return rows[:min(want, len(rows))]
 
 
 # ----------------------------------------------------------------------------- documents
@@ -134,9 +244,29 @@ def _shuffled_records(split: DocSplit, seq_len: int, seed: int) -> grain.MapData
     return grain.MapDataset.source(records).shuffle(seed=seed)
 
 
-def make_train_iterator(cfg: DataConfig, seed: int) -> DataIterator:
-    """Endless iterator of training Batches; each epoch in a new order derived from `seed`."""
+def _check_host_rows(cfg: DataConfig, host_rows: tuple[int, int] | None) -> tuple[int, int]:
+    lo, hi = (0, cfg.batch_size) if host_rows is None else host_rows
+    if not (0 <= lo < hi <= cfg.batch_size and cfg.batch_size % (hi - lo) == 0 and lo % (hi - lo) == 0):
+        raise ValueError(f"host rows [{lo}, {hi}) are not one of equal blocks of data.batch_size={cfg.batch_size}")
+    return lo, hi
+
+
+def _host_part(lo: int, hi: int):
+    def part(batch: Batch) -> Batch:
+        return {k: v[lo:hi] for k, v in batch.items()}
+    return part
+
+
+def make_train_iterator(cfg: DataConfig, seed: int, host_rows: tuple[int, int] | None = None) -> DataIterator:
+    """Endless iterator of training Batches; each epoch in a new order derived from `seed`.
+
+    host_rows: (lo, hi), the rows of every global batch that this host's devices take (the
+    whole batch when None); batches then have hi - lo rows.
+    """
     cfg.check()
+    lo, hi = _check_host_rows(cfg, host_rows)
+    if cfg.source == "shards":
+        return _shards_train_iterator(cfg, seed, (lo, hi))
     if cfg.source == "mqar":
         examples = MQARExamples(cfg.mqar, cfg.seq_len, "train")
         if len(examples) == 0:
@@ -155,6 +285,8 @@ def make_train_iterator(cfg: DataConfig, seed: int) -> DataIterator:
         log.info("train iterator: %s; rows of %d tokens, batch %d, seed %d",
                  split.describe(), cfg.seq_len, cfg.batch_size, seed)
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
+    if (lo, hi) != (0, cfg.batch_size):  # every host builds the global batch and keeps its rows
+        ds = ds.map(_host_part(lo, hi))
     return DataIterator(ds, _identity(cfg, seed, num_records))
 
 
@@ -164,17 +296,28 @@ def _stack(rows: list[dict[str, np.ndarray]]) -> Batch:
     return {k: np.stack([r[k] for r in rows]) for k in EXAMPLE_KEYS}
 
 
-def make_eval_batches(cfg: DataConfig, num_batches: int) -> list[Batch]:
+def make_eval_batches(cfg: DataConfig, num_batches: int, host_rows: tuple[int, int] | None = None) -> list[Batch]:
     """`num_batches` validation Batches, always the same ones, drawn from all over the split
     (row-sized pieces in a fixed shuffled order), so a few batches are not one file.
 
     Fewer when the split is small (at least one); the last batch is filled up with all-padding
     rows (loss_mask 0) so every batch has the same shape and nothing recompiles.
+    host_rows: as make_train_iterator's; only those rows of each batch are returned (and, for
+    shards, read).
     """
     cfg.check()
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    lo, hi = _check_host_rows(cfg, host_rows)
     want = num_batches * cfg.batch_size
+    B = cfg.batch_size
+    if cfg.source == "shards":
+        rows = _shards_eval_rows(cfg, want)
+        n = -(-len(rows) // B) * B
+        mine = [rows[i] if i < len(rows) else empty_example(cfg.seq_len)
+                for i in range(n) if lo <= i % B < hi]
+        return [_stack([{k: r[k] for k in EXAMPLE_KEYS} for r in mine[i:i + hi - lo]])
+                for i in range(0, len(mine), hi - lo)]
     if cfg.source == "mqar":
         examples = MQARExamples(cfg.mqar, cfg.seq_len, "validation")
         if len(examples) == 0:
@@ -191,8 +334,7 @@ def make_eval_batches(cfg: DataConfig, num_batches: int) -> list[Batch]:
             if len(rows) == want:
                 break
     rows += [empty_example(cfg.seq_len)] * (-len(rows) % cfg.batch_size)
-    B = cfg.batch_size
-    return [_stack(rows[i:i + B]) for i in range(0, len(rows), B)]
+    return [_stack(rows[i + lo:i + hi]) for i in range(0, len(rows), B)]
 
 
 # ----------------------------------------------------------------------------- unigram baseline
@@ -221,6 +363,8 @@ def unigram_bits_per_byte(cfg: DataConfig) -> float | None:
     if cfg.source == "mqar":
         return None
     tok = _tokenizer(cfg.tokenizer)
+    if cfg.source == "shards":
+        return _shards_unigram_bits_per_byte(cfg, tok)
     split = _nonempty_split(cfg, "train")
     if split.num_tokens is not None:
         tokens = split.records.tokens

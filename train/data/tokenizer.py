@@ -25,7 +25,7 @@ import numpy as np
 from train.config import ConfigError
 
 __all__ = ["Tokenizer", "ByteTokenizer", "IdTokenizer", "HFTokenizer", "SentencePieceTokenizer",
-           "build_tokenizer"]
+           "build_tokenizer", "tokenizer_identity"]
 
 ACCEPTED = ('"byte", a path to a Hugging Face tokenizer .json file, a SentencePiece .model file, '
             'or a directory holding one written by Tokenizer.save')
@@ -228,3 +228,17 @@ def build_tokenizer(spec: str) -> Tokenizer:
     except Exception as e:  # the libraries raise bare Exception / RuntimeError on bad files
         raise ConfigError(f"data.tokenizer={spec!r} could not be loaded ({type(e).__name__}: {e}); "
                           f"accepted: {ACCEPTED}") from e
+
+
+def tokenizer_identity(spec: str) -> dict:
+    """What names a tokenizer exactly, wherever its file lies: {spec, kind, vocab_size, sha256},
+    sha256 being that of its tokenizer.json / .model file (None for the byte tokenizer)."""
+    import hashlib
+    tok = build_tokenizer(spec)
+    ident = {"spec": spec, "kind": tok.kind, "vocab_size": int(tok.vocab_size), "sha256": None}
+    if tok.kind in ("hf", "sentencepiece"):
+        path = Path(spec)
+        if path.is_dir():
+            path = next(path / n for n in SAVED_FILES if (path / n).is_file())
+        ident["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return ident
