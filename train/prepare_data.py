@@ -1,9 +1,15 @@
 """Tokenize a corpus once into ArrayRecord shards, for training runs that should not tokenize at
-every start.
+every start (data.source=shards reads them).
 
     python -m train.prepare_data --out data/stdlib-byte                                   # stdlib, bytes
     python -m train.prepare_data --source files --paths corpus/ --tokenizer tok/tokenizer.json \\
-        --out data/corpus-bpe [--docs-per-shard 4096]
+        --out data/corpus-bpe [--workers 8] [--shard-mb 64]
+    python -m train.prepare_data --source tfds --tfds-name NAME [--tfds-data-dir DIR] --out data/NAME
+
+Sources: `stdlib` (the embedded corpus), `files` (local .txt / .jsonl / .parquet / .arrow files
+or directories, train.data.files_source; a Hugging Face `datasets` dataset is read from its
+`save_to_disk` directory or its cache's .arrow files, or from its Parquet files), `tfds` (a
+prepared TFDS dataset, its own `--train-split` and `--eval-split`).
 
 Output directory:
     train-00000.array_record, ...        token ids as little-endian uint16 (vocabularies up to
@@ -12,23 +18,27 @@ Output directory:
                                          one training row never reads a whole long document)
     train-00000.index.npy, ...           int32 [records, 2]: each record's tokens and whether it
                                          starts a document (1) or continues the one before (0)
-    metadata.json                        written last: the plan (below), and per split its shard
-                                         files with their document, record and token counts,
-                                         and the split's documents, tokens and UTF-8 bytes
+    done/00000.json, ...                 one per finished job: its shards and counts
+    plan.json                            written first: source, paths, settings, the tokenizer's
+                                         identity and the SHA-256 of every document's name and text
+    metadata.json                        written last: the plan, and per split its shard files
+                                         with their document, record and token counts, and the
+                                         split's documents, tokens and UTF-8 bytes
+
+The work is cut into jobs, each one shard number: for `files`, consecutive input files of up to
+`--shard-mb` MB (a larger file is a job of its own); for `stdlib` and `tfds`, `--docs-per-shard`
+documents. Jobs run in `--workers` processes, each reading only its own input. Two passes: the
+first reads and hashes every job's documents (the plan, and the split mode below), the second
+tokenizes and writes them; memory holds one job's text per worker.
 
 The split is the data pipeline's (train/data/documents.py): documents whose name hashes into
 `--val-fraction` are validation; when that leaves a side empty (a single document, say), the
-last `val_fraction` of each document's tokens is validation instead. Documents keep the
-source's order and are cut into shards of `--docs-per-shard`.
+last `val_fraction` of each document's tokens is validation instead. tfds keeps its own splits.
 
-The plan (source, paths, text key, split fraction, shard size, the tokenizer's identity with
-the SHA-256 of its file, and the SHA-256 of every document's name and text) is written first, to
-plan.json. A run killed part way resumes: shards are written to a temporary name and renamed
-when complete, so a shard under its final name is whole and is kept; the missing ones are
-written. Re-running on the same input writes nothing. An output directory prepared from another
-plan is refused, never overwritten. Tokenization runs batched on the tokenizer's own thread
-pool (Hugging Face tokenizers encode in parallel in Rust); the corpus text is read into memory
-once, the tokens one shard at a time.
+Resumable and idempotent: a job writes its shards under temporary names, renames them, then
+writes done/<job>.json; a rerun skips done jobs and writes the rest, and a rerun of a finished
+directory writes nothing. An output directory prepared from another plan is refused, never
+overwritten.
 """
 from __future__ import annotations
 
@@ -36,6 +46,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -46,18 +57,9 @@ from train.config import ConfigError, DataConfig
 
 log = logging.getLogger("chimera.data")
 FORMAT = "chimera-shards/2"
-PLAN_FILE, META_FILE = "plan.json", "metadata.json"
+PLAN_FILE, META_FILE, DONE_DIR = "plan.json", "metadata.json", "done"
 SPLITS = ("train", "validation")
-SOURCES = ("stdlib", "files")
-
-
-def corpus_sha256(docs: Sequence[tuple[str, str]]) -> str:
-    h = hashlib.sha256()
-    for key, text in docs:
-        for part in (key, text):
-            b = part.encode("utf-8")
-            h.update(len(b).to_bytes(8, "little") + b)
-    return h.hexdigest()
+SOURCES = ("stdlib", "files", "tfds")
 
 
 def shard_name(split: str, i: int) -> str:
@@ -79,14 +81,17 @@ def records_of(docs: Sequence[np.ndarray], record_tokens: int) -> tuple[list[np.
     return records, np.asarray(index, np.int32).reshape(-1, 2)
 
 
+def _write_atomic_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.rename(path)
+
+
 def _write_shard(path: Path, records: list[np.ndarray], index: np.ndarray) -> None:
-    """The index first, then the shard under its final name: a shard present is whole and has
-    its index (a kill leaves at most *.tmp files and an index without its shard)."""
+    """The index first, then the shard, each renamed from a temporary name when whole."""
     from array_record.python.array_record_module import ArrayRecordWriter
-    idx = path.with_name(index_name(path.name))
-    with open(idx.with_name(idx.name + ".tmp"), "wb") as f:
-        np.save(f, index)
-    idx.with_name(idx.name + ".tmp").rename(idx)
+    _write_atomic_npy(path.with_name(index_name(path.name)), index)
     tmp = path.with_name(path.name + ".tmp")
     writer = ArrayRecordWriter(str(tmp), "group_size:1")
     for r in records:
@@ -95,85 +100,212 @@ def _write_shard(path: Path, records: list[np.ndarray], index: np.ndarray) -> No
     tmp.rename(path)
 
 
+# ----------------------------------------------------------------------------- jobs
+
+def _jobs(source: str, paths: Sequence[str], shard_mb: float, docs_per_shard: int,
+          tfds: dict | None) -> list[dict]:
+    """The jobs of a source, in order; each is a small picklable description of its input."""
+    if source == "files":
+        from train.data.files_source import list_files
+        jobs, current, size = [], [], 0
+        for key, path in list_files(paths):
+            n = path.stat().st_size
+            if current and size + n > shard_mb * 2**20:
+                jobs.append({"files": current})
+                current, size = [], 0
+            current.append((key, str(path)))
+            size += n
+        return jobs + [{"files": current}]
+    if source == "stdlib":
+        from train.data.stdlib_source import stdlib_texts
+        n = len(stdlib_texts())
+        return [{"stdlib": (i, min(i + docs_per_shard, n))} for i in range(0, n, docs_per_shard)]
+    out = []
+    for split, name in (("train", tfds["train_split"]), ("validation", tfds["eval_split"])):
+        n = len(_tfds_source(tfds, split).records)
+        out += [{"tfds": (split, i, min(i + docs_per_shard, n))} for i in range(0, n, docs_per_shard)]
+    return out
+
+
+def _tfds_source(tfds: dict, split: str):
+    from train.data.tfds_source import tfds_split
+    from train.data.tokenizer import ByteTokenizer
+    cfg = DataConfig(source="tfds", tfds_name=tfds["name"], tfds_data_dir=tfds["data_dir"], text_key=tfds["text_key"],
+                     train_split=tfds["train_split"], eval_split=tfds["eval_split"])
+    return tfds_split(cfg, split, ByteTokenizer())
+
+
+def _job_docs(job: dict, text_key: str, tfds: dict | None) -> tuple[list[tuple[str, str]], str | None, list]:
+    """(key, text) documents of a job (empty texts left out), the split they all belong to (tfds)
+    or None (split by name), and the files' byte problems."""
+    problems: list = []
+    if "files" in job:
+        from train.data.files_source import read_file
+        docs = []
+        for key, path in job["files"]:
+            texts, problem = read_file(key, Path(path), text_key)
+            if problem is not None:
+                problems.append((path, problem))
+            docs += texts
+        split = None
+    elif "stdlib" in job:
+        from train.data.stdlib_source import stdlib_texts
+        a, b = job["stdlib"]
+        docs, split = stdlib_texts()[a:b], None
+    else:
+        from train.data.tfds_source import record_text
+        split, a, b = job["tfds"]
+        records = _tfds_source(tfds, split).records
+        docs = [(f"{split}:{i}", record_text(records[i], text_key)) for i in range(a, b)]
+    return [(k, t) for k, t in docs if t], split, problems
+
+
+def _scan(args: tuple) -> dict:
+    """First pass over one job: the SHA-256 of its documents, how many, and how many the split
+    by name sends to validation (to decide whether documents must be cut instead)."""
+    from train.data.documents import is_validation
+    job, text_key, val_fraction, tfds = args
+    docs, split, problems = _job_docs(job, text_key, tfds)
+    h = hashlib.sha256()
+    for key, text in docs:
+        for part in (key, text):
+            b = part.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little") + b)
+    n_val = sum(is_validation(k, val_fraction) for k, _ in docs) if split is None else None
+    return {"sha256": h.hexdigest(), "documents": len(docs), "validation_by_name": n_val, "problems": problems}
+
+
+def _write_job(args: tuple) -> dict:
+    """Second pass over one job: tokenize, split, write its shards and done/<job>.json."""
+    from train.data.documents import cut_point, is_validation
+    from train.data.tokenizer import build_tokenizer
+    i, job, plan, out, tfds = args
+    out = Path(out)
+    done = out / DONE_DIR / f"{i:05d}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    docs, split, _ = _job_docs(job, plan["text_key"], tfds)
+    tok = build_tokenizer(plan["tokenizer"]["spec"])
+    texts = [t for _, t in docs]
+    tokens = tok.encode_batch(texts) if texts else []
+    sizes = [len(t.encode("utf-8")) for t in texts]
+    parts = {s: ([], []) for s in SPLITS}  # split -> (token arrays, byte counts)
+    for (key, _), t, b in zip(docs, tokens, sizes):
+        if plan["split"] == "cut":  # the pipeline's cut of each document (documents.cut_point)
+            c, v = cut_point(len(t), b, plan["val_fraction"])
+            for s, (piece, nbytes) in (("train", (t[:c], b - v)), ("validation", (t[c:], v))):
+                parts[s][0].append(piece)
+                parts[s][1].append(nbytes)
+        else:
+            s = split or ("validation" if is_validation(key, plan["val_fraction"]) else "train")
+            parts[s][0].append(t)
+            parts[s][1].append(b)
+    dtype = np.dtype(plan["dtype"]).newbyteorder("<")
+    result = {}
+    for s, (toks, nbytes) in parts.items():
+        kept = [(t.astype(dtype), b) for t, b in zip(toks, nbytes) if len(t)]  # empty: no segment
+        if not kept:
+            continue
+        records, index = records_of([t for t, _ in kept], plan["record_tokens"])
+        name = shard_name(s, i)
+        _write_shard(out / name, records, index)
+        result[s] = {"file": name, "index": index_name(name), "documents": len(kept), "records": len(records),
+                     "tokens": int(index[:, 0].sum()), "bytes": int(sum(b for _, b in kept))}
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps(result) + "\n")
+    tmp.rename(done)
+    return result
+
+
+def _map(fn, items: list, workers: int, progress, task):
+    """fn over items in order, in `workers` processes (in this one when workers == 1)."""
+    if workers <= 1 or len(items) <= 1:
+        for x in items:
+            yield fn(x)
+            progress.advance(task)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    # each worker tokenizes one job; the tokenizer's own thread pool would only oversubscribe
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for r in pool.map(fn, items):
+            yield r
+            progress.advance(task)
+
+
+# ----------------------------------------------------------------------------- prepare
+
 def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), text_key: str = "text",
             tokenizer: str = "byte", val_fraction: float = DataConfig().val_fraction,
-            docs_per_shard: int = 4096, record_tokens: int = 8192, progress: bool = False) -> dict:
+            docs_per_shard: int = 4096, record_tokens: int = 8192, shard_mb: float = 64.0, workers: int = 1,
+            tfds_name: str | None = None, tfds_data_dir: str | None = None, train_split: str = "train",
+            eval_split: str = "validation", progress: bool = False) -> dict:
     """Write (or finish, or confirm) the shards of `out`; returns the metadata. See the module
     docstring."""
-    from train.data.documents import cut_point, source_texts, validation_flags
+    from rich.progress import Progress
+
+    from train.data.files_source import report_problems
     from train.data.tokenizer import build_tokenizer, tokenizer_identity
-    if docs_per_shard < 1:
-        raise ConfigError(f"--docs-per-shard must be >= 1, got {docs_per_shard}")
-    if record_tokens < 1:
-        raise ConfigError(f"--record-tokens must be >= 1, got {record_tokens}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    for name, ok, accepted in (("docs-per-shard", docs_per_shard >= 1, ">= 1"),
+                               ("record-tokens", record_tokens >= 1, ">= 1"),
+                               ("shard-mb", shard_mb > 0, "> 0"), ("workers", workers >= 1, ">= 1"),
+                               ("val-fraction", 0.0 < val_fraction < 1.0, "in (0, 1)")):
+        if not ok:
+            raise ConfigError(f"--{name} must be {accepted}, got {locals().get(name.replace('-', '_'))}")
     if source not in SOURCES:
         raise ConfigError(f"--source {source!r} is not accepted; choose one of {list(SOURCES)}")
+    if source == "tfds" and not tfds_name:
+        raise ConfigError("--source tfds needs --tfds-name")
     out = Path(out)
-    # empty texts tokenize to nothing and would only add empty segments: the pipeline drops them too
-    docs = [(k, t) for k, t in source_texts(source, paths, text_key) if t]
     tok = build_tokenizer(tokenizer)
-    val = validation_flags([k for k, _ in docs], val_fraction)
-    mode = "cut" if val is None else "by_name"
-    every = list(range(len(docs)))
-    train_idx = every if val is None else [i for i in every if not val[i]]
-    val_idx = every if val is None else [i for i in every if val[i]]
-    plan = {"format": FORMAT, "source": source, "paths": [str(Path(p).absolute()) for p in paths],
-            "text_key": text_key, "val_fraction": val_fraction, "docs_per_shard": docs_per_shard,
-            "record_tokens": record_tokens,
-            "tokenizer": tokenizer_identity(tokenizer), "documents": len(docs), "corpus_sha256": corpus_sha256(docs),
-            "split": mode, "dtype": "uint16" if tok.vocab_size <= 2**16 else "int32"}
-    for name in (META_FILE, PLAN_FILE):
-        if (out / name).is_file():
-            old = json.loads((out / name).read_text())
-            old = old.get("plan", old)
-            if old != plan:
-                diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-                raise ConfigError(f"--out {out} holds shards prepared from another plan (differs in {', '.join(diff)}); "
-                                  "it is never overwritten: choose another --out")
-            if name == META_FILE:
-                log.info("%s is already prepared from this input: nothing to write", out)
-                return json.loads((out / META_FILE).read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / PLAN_FILE).is_file():
-        (out / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
-    for stale in out.glob("*.tmp"):  # a shard or index cut short by a kill: written again below
-        stale.unlink()
-    dtype = np.dtype(plan["dtype"]).newbyteorder("<")
-    meta = {"plan": plan, "splits": {}}
-    jobs = [(s, i, idx[i:i + docs_per_shard]) for s, idx in (("train", train_idx), ("validation", val_idx))
-            for i in range(0, len(idx), docs_per_shard)]
-    from rich.progress import Progress
+    tfds = ({"name": tfds_name, "data_dir": tfds_data_dir, "text_key": text_key, "train_split": train_split,
+             "eval_split": eval_split} if source == "tfds" else None)
+    jobs = _jobs(source, paths, shard_mb, docs_per_shard, tfds)
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"shards of {out}", total=len(jobs))
-        stats = {s: {"shards": [], "documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
-        for split, start, idx in jobs:
-            texts = [docs[j][1] for j in idx]
-            tokens = tok.encode_batch(texts)
-            sizes = [len(x.encode("utf-8")) for x in texts]
-            if mode == "cut":  # the pipeline's cut of each document (documents.cut_point)
-                cuts = [cut_point(len(t), b, val_fraction) for t, b in zip(tokens, sizes)]
-                if split == "train":
-                    tokens, sizes = [t[:c] for t, (c, _) in zip(tokens, cuts)], [b - v for b, (_, v) in zip(sizes, cuts)]
-                else:
-                    tokens, sizes = [t[c:] for t, (c, _) in zip(tokens, cuts)], [v for _, v in cuts]
-            kept = [(t.astype(dtype), b) for t, b in zip(tokens, sizes) if len(t)]  # empty: no segment
-            documents = [t for t, _ in kept]
-            records, index = records_of(documents, record_tokens)
-            nbytes = sum(b for _, b in kept)
-            name = shard_name(split, start // docs_per_shard)
-            if not (out / name).is_file():
-                _write_shard(out / name, records, index)
-            n_tokens = int(index[:, 0].sum())
-            s = stats[split]
-            s["shards"].append({"file": name, "index": index_name(name), "documents": len(documents),
-                                "records": len(records), "tokens": n_tokens})
-            s["documents"] += len(documents)
-            s["tokens"] += n_tokens
-            s["bytes"] += int(nbytes)
-            bar.advance(task)
-    meta["splits"] = stats
+        task = bar.add_task(f"reading {source}", total=len(jobs))
+        scans = list(_map(_scan, [(j, text_key, val_fraction, tfds) for j in jobs], workers, bar, task))
+        report_problems([p for s in scans for p in s["problems"]])
+        n_docs = sum(s["documents"] for s in scans)
+        if n_docs == 0:
+            raise ConfigError(f"--source {source} {' '.join(paths)}: no documents with text")
+        mode = "tfds" if source == "tfds" else "by_name"
+        if source != "tfds":
+            n_val = sum(s["validation_by_name"] for s in scans)
+            if n_val == 0 or n_val == n_docs:  # as documents.validation_flags
+                mode = "cut"
+        corpus = hashlib.sha256("".join(s["sha256"] for s in scans).encode()).hexdigest()
+        plan = {"format": FORMAT, "source": source, "paths": [str(Path(p).absolute()) for p in paths],
+                "text_key": text_key, "val_fraction": val_fraction, "tfds": tfds, "jobs": len(jobs),
+                "shard_mb": shard_mb if source == "files" else None,
+                "docs_per_shard": None if source == "files" else docs_per_shard, "record_tokens": record_tokens,
+                "tokenizer": tokenizer_identity(tokenizer), "documents": n_docs, "corpus_sha256": corpus,
+                "split": mode, "dtype": "uint16" if tok.vocab_size <= 2**16 else "int32"}
+        for name in (META_FILE, PLAN_FILE):
+            if (out / name).is_file():
+                old = json.loads((out / name).read_text())
+                old = old.get("plan", old)
+                if old != plan:
+                    diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+                    raise ConfigError(f"--out {out} holds shards prepared from another plan (differs in "
+                                      f"{', '.join(diff)}); it is never overwritten: choose another --out")
+                if name == META_FILE:
+                    log.info("%s is already prepared from this input: nothing to write", out)
+                    return json.loads((out / META_FILE).read_text())
+        (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
+        if not (out / PLAN_FILE).is_file():
+            (out / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
+        for stale in list(out.glob("*.tmp")) + list((out / DONE_DIR).glob("*.tmp")):  # cut short by a kill
+            stale.unlink()
+        task = bar.add_task(f"tokenizing into {out}", total=len(jobs))
+        results = list(_map(_write_job, [(i, j, plan, str(out), tfds) for i, j in enumerate(jobs)], workers, bar, task))
+    stats = {s: {"shards": [], "documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
+    for r in results:
+        for s, shard in r.items():
+            stats[s]["shards"].append({k: shard[k] for k in ("file", "index", "documents", "records", "tokens")})
+            for k in ("documents", "tokens", "bytes"):
+                stats[s][k] += shard[k]
+    meta = {"plan": plan, "splits": stats}
     tmp = out / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     tmp.rename(out / META_FILE)  # last: its presence says every shard is whole
@@ -185,21 +317,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="stdlib", choices=SOURCES)
     p.add_argument("--paths", nargs="*", default=[], help="files / directories for --source files")
-    p.add_argument("--text-key", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--text-key", default="text", help="JSONL field, Parquet/Arrow column or tfds feature (default: text)")
     p.add_argument("--tokenizer", default="byte", help="as data.tokenizer: byte, a tokenizer.json, .model or directory")
     p.add_argument("--val-fraction", type=float, default=DataConfig().val_fraction)
-    p.add_argument("--docs-per-shard", type=int, default=4096)
+    p.add_argument("--shard-mb", type=float, default=64.0, help="files: input MB per shard (default 64)")
+    p.add_argument("--docs-per-shard", type=int, default=4096, help="stdlib / tfds: documents per shard")
     p.add_argument("--record-tokens", type=int, default=8192,
                    help="longer documents are stored as several records of at most this many tokens")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)")
+    p.add_argument("--tfds-name", help="--source tfds: the dataset, prepared as array_record")
+    p.add_argument("--tfds-data-dir")
+    p.add_argument("--train-split", default="train", help="--source tfds: the split written as train")
+    p.add_argument("--eval-split", default="validation", help="--source tfds: the split written as validation")
     p.add_argument("--out", required=True, help="the shard directory (created; never overwritten)")
     args = p.parse_args(None if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
         if args.source == "files" and not args.paths:
-            raise ConfigError("--source files needs --paths (.txt / .jsonl files or directories)")
+            raise ConfigError("--source files needs --paths (.txt / .jsonl / .parquet / .arrow files or directories)")
         meta = prepare(args.out, args.source, args.paths, args.text_key, args.tokenizer, args.val_fraction,
-                       args.docs_per_shard, args.record_tokens, progress=sys.stderr.isatty())
+                       args.docs_per_shard, args.record_tokens, args.shard_mb, args.workers, args.tfds_name,
+                       args.tfds_data_dir, args.train_split, args.eval_split, progress=sys.stderr.isatty())
     except ConfigError as e:
         print(f"prepare_data error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,8 @@ from train.data.files_source import file_texts
 from train.data.tokenizer import build_tokenizer
 from train.prepare_data import main, prepare
 
+from test_data_sources import tiny_tfds  # noqa: F401 - a fixture (tests/train/ is on sys.path)
+
 
 def read_shard(path, dtype) -> list[np.ndarray]:
     r = ArrayRecordReader(str(path))
@@ -44,7 +46,7 @@ def test_shards_hold_exactly_the_pipelines_documents(corpus, tmp_path, tokenizer
                           "--out", str(tmp_path / "tok.json")]) == 0
         tokenizer = str(tmp_path / "tok.json")
     out = tmp_path / "shards"
-    meta = prepare(out, "files", [str(corpus)], tokenizer=tokenizer, val_fraction=0.3, docs_per_shard=4)
+    meta = prepare(out, "files", [str(corpus)], tokenizer=tokenizer, val_fraction=0.3, shard_mb=1e-3, workers=2)
     want = tokenized_corpus("files", file_texts([str(corpus)], "text"), build_tokenizer(tokenizer), 0.3)
     for split, docs in (("train", want.train), ("validation", want.validation)):
         got = split_tokens(out, meta, split)
@@ -68,34 +70,41 @@ def test_a_single_document_is_cut_as_the_pipeline_cuts_it(corpus, tmp_path):
         assert meta["splits"][split]["bytes"] == docs.num_bytes
 
 
+def files_of(out):
+    return sorted(p for p in out.rglob("*") if p.is_file())
+
+
 def test_rerun_writes_nothing_and_a_killed_run_resumes(corpus, tmp_path):
     out = tmp_path / "shards"
-    meta = prepare(out, "files", [str(corpus)], docs_per_shard=5)
-    files = sorted(out.iterdir())
-    stamp = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
-    assert prepare(out, "files", [str(corpus)], docs_per_shard=5) == meta
-    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.iterdir())} == stamp
-    # a kill after two shards: no metadata, one shard missing, one cut short under its temporary name
-    lost = out / meta["splits"]["train"]["shards"][2]["file"]
+    meta = prepare(out, "files", [str(corpus)], shard_mb=5e-4)
+    stamp = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files_of(out)}
+    assert prepare(out, "files", [str(corpus)], shard_mb=5e-4) == meta
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files_of(out)} == stamp
+    # a kill during job 2: no metadata, job 2 not marked done, its shard cut short under its
+    # temporary name, and job 3 never started
     (out / "metadata.json").unlink()
+    lost = out / meta["splits"]["train"]["shards"][2]["file"]
+    for job in (2, 3):
+        (out / "done" / f"{job:05d}.json").unlink()
     lost.rename(lost.with_name(lost.name + ".tmp"))
     lost.with_name(lost.name + ".tmp").write_bytes(b"half")
-    assert prepare(out, "files", [str(corpus)], docs_per_shard=5) == meta
-    assert {p: p.read_bytes() for p in sorted(out.iterdir())} == {p: b for p, (_, b) in stamp.items()}
+    (out / meta["splits"]["train"]["shards"][3]["file"]).unlink()
+    assert prepare(out, "files", [str(corpus)], shard_mb=5e-4) == meta
+    assert {p: p.read_bytes() for p in files_of(out)} == {p: b for p, (_, b) in stamp.items()}
     kept = out / meta["splits"]["train"]["shards"][0]["file"]
-    assert kept.stat().st_mtime_ns == stamp[kept][0]  # whole shards are not written again
+    assert kept.stat().st_mtime_ns == stamp[kept][0]  # finished jobs are not written again
 
 
 def test_another_input_or_setting_is_refused_and_nothing_changes(corpus, tmp_path, capsys):
     out = tmp_path / "shards"
     prepare(out, "files", [str(corpus)])
-    before = {p: p.read_bytes() for p in out.iterdir()}
+    before = {p: p.read_bytes() for p in files_of(out)}
     (corpus / "doc00.txt").write_text("changed text")
     with pytest.raises(ConfigError, match=r"prepared from another plan \(differs in corpus_sha256\)"):
         prepare(out, "files", [str(corpus)])
-    assert main(["--source", "files", "--paths", str(corpus), "--docs-per-shard", "7", "--out", str(out)]) == 2
-    assert "differs in corpus_sha256, docs_per_shard" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["--source", "files", "--paths", str(corpus), "--record-tokens", "7", "--out", str(out)]) == 2
+    assert "differs in corpus_sha256, record_tokens" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in files_of(out)} == before
     for args, match in [(["--source", "files"], "--source files needs --paths"),
                         (["--docs-per-shard", "0"], "--docs-per-shard must be >= 1"),
                         (["--val-fraction", "1.5"], "--val-fraction must be in"),
@@ -109,3 +118,37 @@ def test_cli_prints_the_counts(corpus, tmp_path, capsys):
     out = capsys.readouterr().out
     meta = json.loads((tmp_path / "s" / "metadata.json").read_text())
     assert f"train: {meta['splits']['train']['documents']} documents" in out and "uint16" in out
+
+
+def test_parquet_arrow_and_a_datasets_directory_are_read_by_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from train.data.shards import ShardSet
+    texts = [f"row {i}: " + "word " * (i % 7) for i in range(40)]
+    d = tmp_path / "in"
+    (d / "hf").mkdir(parents=True)
+    pq.write_table(pa.table({"text": texts[:20], "id": list(range(20))}), d / "a.parquet")
+    # what datasets.Dataset.save_to_disk writes: Arrow IPC stream files and two json files
+    with pa.ipc.new_stream(d / "hf" / "data-00000-of-00001.arrow", pa.schema([("text", pa.string())])) as w:
+        w.write_table(pa.table({"text": texts[20:]}))
+    (d / "hf" / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    (d / "hf" / "dataset_info.json").write_text("{}")
+    meta = prepare(tmp_path / "out", "files", [str(d)], val_fraction=0.2, workers=1)
+    got = ShardSet(tmp_path / "out", "all").documents()
+    want = tokenized_corpus("files", file_texts([str(d)], "text"), build_tokenizer("byte"), 0.2)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["validation"]["documents"] == 40
+    assert sorted(bytes(g.astype(np.uint8)).decode() for g in got) == sorted(texts)
+    assert [bytes(g.astype(np.uint8)).decode() for g in ShardSet(tmp_path / "out", "train").documents()] == [
+        bytes(np.asarray(t, np.uint8)).decode() for t in want.train.records]
+    with pytest.raises(ConfigError, match=r"data.text_key='body' is not a column of .*a.parquet"):
+        prepare(tmp_path / "out2", "files", [str(d)], text_key="body")
+
+
+def test_a_tfds_dataset_keeps_its_splits(tiny_tfds, tmp_path):
+    from train.data.shards import ShardSet
+    meta = prepare(tmp_path / "out", "tfds", tfds_name="chimera_tiny_docs", tfds_data_dir=tiny_tfds, docs_per_shard=8)
+    assert meta["plan"]["split"] == "tfds" and len(meta["splits"]["train"]["shards"]) == 4
+    for split, ids in (("train", range(30)), ("validation", range(100, 106))):
+        docs = [bytes(g.astype(np.uint8)).decode() for g in ShardSet(tmp_path / "out", split).documents()]
+        assert sorted(docs) == sorted(f"<{i}> " + "words " * (i % 5) for i in ids)

@@ -19,7 +19,7 @@ from train.data.shards import PackedRows, ShardError, ShardSet
 from train.data.tokenizer import build_tokenizer
 from train.prepare_data import prepare
 
-from tests.train.test_loop import small, train_losses
+from test_loop import small, train_losses  # tests/train/ is on sys.path
 
 
 def write_corpus(d, n, seed, words=("alpha", "beta", "gamma", "délta", "ε", "🦊", "\n")):
@@ -37,8 +37,8 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     a = write_corpus(root / "a", 60, 0)
     b = write_corpus(root / "b", 20, 1, words=("zz",))
-    prepare(root / "sa", "files", [str(a)], docs_per_shard=16, record_tokens=100)
-    prepare(root / "sb", "files", [str(b)], docs_per_shard=16, record_tokens=100)
+    prepare(root / "sa", "files", [str(a)], shard_mb=0.02, record_tokens=100)
+    prepare(root / "sb", "files", [str(b)], shard_mb=0.02, record_tokens=100)
     return root
 
 

@@ -1,11 +1,16 @@
-"""The `files` source: local `.txt` and `.jsonl` files, or directories of them.
+"""The `files` source: local `.txt`, `.jsonl`, `.parquet` and `.arrow` files, or directories of them.
 
 Each `data.paths` entry is
   a .txt file        one document (the whole file)
   a .jsonl file      one document per non-blank line, the string in field `data.text_key`
-  a directory        every .txt / .jsonl file below it, recursively, sorted by relative path
+  a .parquet file    one document per row, the string column `data.text_key`
+  a .arrow file      the same, in Arrow IPC (stream or file) format: what Hugging Face `datasets`
+                     writes with `save_to_disk` and keeps in its cache, so a `datasets` dataset is
+                     read from its directory without the `datasets` library
+  a directory        every such file below it, recursively, sorted by relative path
 Documents keep the order of `data.paths`. Each gets a key for the hash split: the file's name
-(or its path relative to the listed directory), plus `:line` for JSONL lines.
+(or its path relative to the listed directory), plus `:line` for JSONL lines and `:row` for
+Parquet / Arrow rows.
 
 Files are read as UTF-8. One that looks binary (a NUL byte in its first BINARY_SNIFF bytes) is
 skipped; one that is not valid UTF-8 is kept with its bad bytes replaced by U+FFFD. Either is
@@ -21,11 +26,12 @@ from typing import NamedTuple, Sequence
 
 from train.config import ConfigError
 
-__all__ = ["file_texts", "decode_text", "Problem", "EXTENSIONS", "BINARY_SNIFF"]
+__all__ = ["file_texts", "list_files", "read_file", "decode_text", "Problem", "EXTENSIONS", "BINARY_SNIFF"]
 
 log = logging.getLogger("chimera.data")
 
-EXTENSIONS = (".txt", ".jsonl")
+EXTENSIONS = (".txt", ".jsonl", ".parquet", ".arrow")
+TABLES = (".parquet", ".arrow")  # columnar: read with pyarrow, not decoded as text
 # Text files never hold NUL bytes; binary formats (and UTF-16 text) almost always do early on.
 BINARY_SNIFF = 8192
 
@@ -75,12 +81,12 @@ def _list_files(entry: str, i: int) -> list[tuple[str, Path]]:
     """[(key, path)] for one data.paths entry."""
     path = Path(entry).expanduser()
     if not path.exists():
-        raise ConfigError(f"data.paths[{i}]={entry!r} does not exist; give .txt / .jsonl files or directories")
+        raise ConfigError(f"data.paths[{i}]={entry!r} does not exist; give {'/'.join(EXTENSIONS)} files or directories")
     if path.is_dir():
         files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*")
                        if p.is_file() and p.suffix in EXTENSIONS)
         if not files:
-            raise ConfigError(f"data.paths[{i}]={entry!r} is a directory without .txt or .jsonl files")
+            raise ConfigError(f"data.paths[{i}]={entry!r} is a directory without {'/'.join(EXTENSIONS)} files")
         return files
     if path.suffix not in EXTENSIONS:
         raise ConfigError(f"data.paths[{i}]={entry!r} has extension {path.suffix!r}; "
@@ -111,23 +117,64 @@ def _jsonl_texts(key: str, path: Path, content: str, text_key: str) -> list[tupl
     return out
 
 
+def _table_texts(key: str, path: Path, data: bytes, text_key: str) -> list[tuple[str, str]]:
+    """[(key:row, text)] for the rows of a Parquet or Arrow (IPC stream or file) table."""
+    import pyarrow as pa
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            table = pq.read_table(pa.BufferReader(data), columns=[text_key] if text_key else None)
+        else:
+            try:
+                table = pa.ipc.open_stream(pa.BufferReader(data)).read_all()
+            except pa.ArrowInvalid:
+                table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+        if "No match for FieldRef" in str(e) or "not in schema" in str(e):
+            raise ConfigError(f"data.text_key={text_key!r} is not a column of {path}") from None
+        raise ConfigError(f"data.paths: {path} is not a readable {path.suffix[1:]} table ({str(e)[:200]})") from None
+    if text_key not in table.column_names:
+        raise ConfigError(f"data.text_key={text_key!r} is not a column of {path}; it has {table.column_names}")
+    column = table.column(text_key)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise ConfigError(f"data.text_key={text_key!r} in {path} is a {column.type} column, not a string")
+    return [(f"{key}:{row}", text) for row, text in enumerate(column.to_pylist()) if text is not None]
+
+
+def list_files(paths: Sequence[str]) -> list[tuple[str, Path]]:
+    """[(key, path)] of every input file named by `data.paths`, in order."""
+    if not paths:
+        raise ConfigError(f"data.source='files' needs data.paths ({' / '.join(EXTENSIONS)} files or directories)")
+    return [f for i, entry in enumerate(paths) for f in _list_files(entry, i)]
+
+
+def read_file(key: str, path: Path, text_key: str) -> tuple[list[tuple[str, str]], Problem | None]:
+    """The (key, text) documents of one input file, and what was wrong with its bytes."""
+    data = path.read_bytes()
+    if path.suffix in TABLES:
+        return _table_texts(key, path, data, text_key), None
+    content, problem = decode_text(data)
+    if content is None:
+        return [], problem
+    if path.suffix == ".jsonl":
+        return _jsonl_texts(key, path, content, text_key), problem
+    return [(key, content)], problem
+
+
+def report_problems(problems: list[tuple[Path, Problem]]) -> None:
+    for line in _problem_warnings(problems):
+        log.warning(line)
+
+
 def file_texts(paths: Sequence[str], text_key: str) -> list[tuple[str, str]]:
     """[(key, text)] for every document named by `data.paths`."""
-    if not paths:
-        raise ConfigError("data.source='files' needs data.paths (.txt / .jsonl files or directories)")
     docs: list[tuple[str, str]] = []
     problems: list[tuple[Path, Problem]] = []
-    for i, entry in enumerate(paths):
-        for key, path in _list_files(entry, i):
-            content, problem = decode_text(path.read_bytes())
-            if problem is not None:
-                problems.append((path, problem))
-            if content is None:
-                continue
-            if path.suffix == ".jsonl":
-                docs.extend(_jsonl_texts(key, path, content, text_key))
-            else:
-                docs.append((key, content))
+    for key, path in list_files(paths):
+        texts, problem = read_file(key, path, text_key)
+        if problem is not None:
+            problems.append((path, problem))
+        docs.extend(texts)
     binary = [(path, p) for path, p in problems if p.kind == "binary"]
     if not docs and binary:
         path, p = binary[0]
@@ -135,6 +182,5 @@ def file_texts(paths: Sequence[str], text_key: str) -> list[tuple[str, str]]:
                           f"skipped (first: {path}: NUL byte at offset {p.offset}); give UTF-8 .txt / .jsonl files")
     if not docs:
         raise ConfigError(f"data.paths={list(paths)} hold no documents (only empty .jsonl files?)")
-    for line in _problem_warnings(problems):
-        log.warning(line)
+    report_problems(problems)
     return docs

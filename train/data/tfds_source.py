@@ -16,7 +16,17 @@ from train.config import ConfigError, DataConfig
 from train.data.documents import DocSplit
 from train.data.tokenizer import Tokenizer
 
-__all__ = ["tfds_split", "TfdsText"]
+__all__ = ["tfds_split", "TfdsText", "record_text"]
+
+
+def record_text(record, text_key: str) -> str:
+    """The text of feature `text_key` of a tfds record (dict of features)."""
+    text = record[text_key]
+    if isinstance(text, np.ndarray):  # scalar string tensors may come back as 0-d arrays
+        text = text.item()
+    if isinstance(text, bytes):  # tfds Text features come back as bytes
+        text = text.decode("utf-8", errors="replace")
+    return text
 
 
 class TfdsText:
@@ -27,12 +37,7 @@ class TfdsText:
         self.tokenizer = tokenizer
 
     def __call__(self, record) -> np.ndarray:
-        text = record[self.text_key]
-        if isinstance(text, np.ndarray):  # scalar string tensors may come back as 0-d arrays
-            text = text.item()
-        if isinstance(text, bytes):  # tfds Text features come back as bytes
-            text = text.decode("utf-8", errors="replace")
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode(record_text(record, self.text_key))
 
 
 def tfds_split(cfg: DataConfig, which: Literal["train", "validation"], tokenizer: Tokenizer) -> DocSplit:
