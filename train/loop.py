@@ -313,10 +313,14 @@ def run(cfg: Config, run_dir: str | Path, *, from_scratch: bool = False) -> dict
 
 
 def _sum_over_processes(x: np.ndarray) -> np.ndarray:
+    """Sum of an int64 [n] array (values < 2**62) over processes, exactly: jax gathers int32
+    unless x64 is on, so each value travels as two 31-bit words."""
     if jax.process_count() == 1:
         return x
     from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x)).sum(0)
+    words = np.stack([x >> 31, x & (2**31 - 1)]).astype(np.int32)
+    hi, lo = np.asarray(multihost_utils.process_allgather(words)).astype(np.int64).sum(0)
+    return (hi << 31) + lo
 
 
 def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_eval_batches, mesh, *,
@@ -348,12 +352,15 @@ def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_e
     summary: dict = {}
 
     mixture = train_iter.source_names if len(train_iter.source_names) > 1 else ()
+    lo, hi = host_rows(mesh, B)
+    replicas = jax.process_count() * (hi - lo) // B  # processes holding the same rows (tensor axis across hosts)
 
     def count_sources() -> dict[str, float]:
         """The mixture's tokens per source so far, summed over processes (all call it together)."""
         if not mixture:
             return {}
-        train_iter.source_tokens = train_iter.source_tokens + _sum_over_processes(train_iter.take_local_tokens())
+        seen = _sum_over_processes(train_iter.take_local_tokens()) // replicas
+        train_iter.source_tokens = train_iter.source_tokens + seen
         return {f"tokens/{n}": float(t) for n, t in zip(mixture, train_iter.source_tokens)}
 
     def save(at: int) -> None:

@@ -54,10 +54,10 @@ from typing import Sequence
 import numpy as np
 
 from train.config import ConfigError, DataConfig
+from train.data.shards import FORMAT, META_FILE, content_plan
 
 log = logging.getLogger("chimera.data")
-FORMAT = "chimera-shards/2"
-PLAN_FILE, META_FILE, DONE_DIR = "plan.json", "metadata.json", "done"
+PLAN_FILE, DONE_DIR = "plan.json", "done"
 SPLITS = ("train", "validation")
 SOURCES = ("stdlib", "files", "tfds")
 
@@ -182,8 +182,10 @@ def _write_job(args: tuple) -> dict:
     i, job, plan, out, tfds = args
     out = Path(out)
     done = out / DONE_DIR / f"{i:05d}.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    if done.is_file():  # finished before, unless a file it lists has gone since: then again
+        result = json.loads(done.read_text())
+        if all((out / f).is_file() for shard in result.values() for f in (shard["file"], shard["index"])):
+            return result
     docs, split, _ = _job_docs(job, plan["text_key"], tfds)
     tok = build_tokenizer(plan["tokenizer"]["spec"])
     texts = [t for _, t in docs]
@@ -217,6 +219,11 @@ def _write_job(args: tuple) -> dict:
     return result
 
 
+def _worker_init() -> None:
+    # each worker tokenizes one job; the tokenizer's own thread pool would only oversubscribe
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def _map(fn, items: list, workers: int, progress, task):
     """fn over items in order, in `workers` processes (in this one when workers == 1)."""
     if workers <= 1 or len(items) <= 1:
@@ -226,9 +233,8 @@ def _map(fn, items: list, workers: int, progress, task):
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    # each worker tokenizes one job; the tokenizer's own thread pool would only oversubscribe
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init) as pool:
         for r in pool.map(fn, items):
             yield r
             progress.advance(task)
@@ -283,10 +289,15 @@ def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), 
                 "split": mode, "dtype": "uint16" if tok.vocab_size <= 2**16 else "int32"}
         for name in (META_FILE, PLAN_FILE):
             if (out / name).is_file():
-                old = json.loads((out / name).read_text())
-                old = old.get("plan", old)
-                if old != plan:
-                    diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+                try:
+                    old = json.loads((out / name).read_text())
+                    old = content_plan(old.get("plan", old))
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise ConfigError(f"{out / name} is not a plan of prepared shards ({type(e).__name__}: {e}); "
+                                      "it is never overwritten: choose another --out") from None
+                new = content_plan(plan)  # moved inputs or tokenizer file: the same content resumes
+                if old != new:
+                    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                     raise ConfigError(f"--out {out} holds shards prepared from another plan (differs in "
                                       f"{', '.join(diff)}); it is never overwritten: choose another --out")
                 if name == META_FILE:
@@ -294,7 +305,9 @@ def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), 
                     return json.loads((out / META_FILE).read_text())
         (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
         if not (out / PLAN_FILE).is_file():
-            (out / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
+            tmp = out / (PLAN_FILE + ".tmp")
+            tmp.write_text(json.dumps(plan, indent=2) + "\n")
+            tmp.rename(out / PLAN_FILE)
         for stale in list(out.glob("*.tmp")) + list((out / DONE_DIR).glob("*.tmp")):  # cut short by a kill
             stale.unlink()
         task = bar.add_task(f"tokenizing into {out}", total=len(jobs))

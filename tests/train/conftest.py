@@ -1,13 +1,16 @@
 """Fixtures shared by tests/train: small run directories, made once per test session.
 
 `text_run_dir` is trained by `train.loop.run` (config.json, tokenizer, orbax checkpoints,
-summary.json) in seconds on a CPU; `mqar_run_dir` holds an untrained checkpoint.
+summary.json) in seconds on a CPU; `mqar_run_dir` holds an untrained checkpoint; `tiny_tfds` is
+the data_dir of a tiny array_record TFDS dataset, "chimera_tiny_docs".
 """
 import json
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import models
 from train.checkpoint import Checkpointer
@@ -60,3 +63,26 @@ def write_untrained_run(path: Path, cfg: Config, step: int = 0) -> Path:
 def mqar_run_dir(tmp_path_factory):
     """The mqar preset, small and untrained: token ids for text, vocabulary 64."""
     return write_untrained_run(tmp_path_factory.mktemp("mqar_run"), apply_overrides(load_config("mqar"), MQAR_RUN))
+
+
+class ChimeraTinyDocs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A tiny array_record dataset built into tmp_path; read back by name from its data_dir."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+            {"text": tfds.features.Text(), "n": tfds.features.Scalar(dtype=np.int32)}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(0, 30), "validation": self._generate_examples(100, 6)}
+
+    def _generate_examples(self, start, count):
+        for i in range(start, start + count):
+            yield i, {"text": f"<{i}> " + "words " * (i % 5), "n": i}
+
+
+@pytest.fixture(scope="session")
+def tiny_tfds(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    ChimeraTinyDocs(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return str(data_dir)

@@ -139,29 +139,6 @@ def test_tfds_mock_data():
     assert len(evals) == 2
 
 
-class ChimeraTinyDocs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """A tiny array_record dataset built into tmp_path; read back by name from its data_dir."""
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-            {"text": tfds.features.Text(), "n": tfds.features.Scalar(dtype=np.int32)}))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(0, 30), "validation": self._generate_examples(100, 6)}
-
-    def _generate_examples(self, start, count):
-        for i in range(start, start + count):
-            yield i, {"text": f"<{i}> " + "words " * (i % 5), "n": i}
-
-
-@pytest.fixture(scope="module")
-def tiny_tfds(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("tfds")
-    ChimeraTinyDocs(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-    return str(data_dir)
-
-
 def test_tfds_local_dataset(tiny_tfds):
     cfg = DataConfig(source="tfds", tfds_name="chimera_tiny_docs", tfds_data_dir=tiny_tfds, seq_len=32,
                      batch_size=2)

@@ -39,10 +39,12 @@ def test_two_processes_train_like_one(tmp_path, source):
     """With shards each process reads only its own rows of every batch: the losses match the
     single process only if the two halves make up the same global batches."""
     args = list(ARGS)
-    if source == "shards":
+    if source == "shards":  # a mixture of two shard sets, read by one worker process per host
         from train.prepare_data import prepare
-        prepare(tmp_path / "shards")
-        args += ["data.source=shards", f"data.paths={tmp_path / 'shards'}", "data.workers=1"]
+        prepare(tmp_path / "a")
+        prepare(tmp_path / "b", record_tokens=1000)
+        args += ["data.source=shards", f"data.paths={tmp_path / 'a'},{tmp_path / 'b'}", "data.mixture=0.7,0.3",
+                 "data.workers=1"]
     port = free_port()
     procs = []
     for pid in range(2):
@@ -61,3 +63,7 @@ def test_two_processes_train_like_one(tmp_path, source):
 
     run(apply_overrides(load_config("tiny"), args), tmp_path / "single")  # 4 of this process's 8 devices
     np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"), rtol=2e-5)
+    if source == "shards":  # per-source token counts summed over the two processes
+        for d in ("multi", "single"):
+            last = [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()][-2]
+            assert last["kind"] == "train" and last["tokens/a"] + last["tokens/b"] == 3 * 8 * 64, last

@@ -12,8 +12,6 @@ from train.data.files_source import file_texts
 from train.data.tokenizer import build_tokenizer
 from train.prepare_data import main, prepare
 
-from test_data_sources import tiny_tfds  # noqa: F401 - a fixture (tests/train/ is on sys.path)
-
 
 def read_shard(path, dtype) -> list[np.ndarray]:
     r = ArrayRecordReader(str(path))

@@ -110,11 +110,13 @@ def test_a_resumed_iterator_continues_exactly_on_any_host_count_and_workers(prep
 def test_worker_processes_give_the_same_batches(prepared):
     plain = make_train_iterator(cfg(prepared), seed=0, host_rows=(2, 4))
     workers = make_train_iterator(cfg(prepared, workers=2), seed=0, host_rows=(2, 4))
-    for _ in range(4):
-        a, b = next(plain), next(workers)
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
-    workers.close()
+    try:
+        for _ in range(4):
+            a, b = next(plain), next(workers)
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+    finally:
+        workers.close()
 
 
 def test_a_mixture_draws_rows_in_proportion_to_its_weights(prepared):
@@ -146,6 +148,12 @@ def test_validation_rows_are_fixed_and_can_come_from_a_separate_shard_set(prepar
         PackedRows(val, 32, partial=True)[i]["inputs"].tobytes() for i in range(len(PackedRows(val, 32, partial=True)))}
     sep = make_eval_batches(cfg(prepared, eval_paths=(str(prepared / "sb"),)), 1)
     assert (sep[0]["inputs"][sep[0]["segment_ids"] > 0] == ord("z")).mean() > 0.5  # "zz zz ..."
+    # a small source does not shorten the others: each gives its share, or all it has
+    small = len(PackedRows(ShardSet(prepared / "sb", "validation"), 32, partial=True))
+    big = len(PackedRows(val, 32, partial=True))
+    assert small < 20 < big
+    mixed = make_eval_batches(cfg(prepared, "sa", "sb", mixture=(0.5, 0.5)), 5)
+    assert sum(int((b["segment_ids"] > 0).any(axis=1).sum()) for b in mixed) == small + 20
 
 
 def test_missing_corrupt_or_unfinished_shards_are_named(prepared, tmp_path):

@@ -6,8 +6,10 @@ Each `data.paths` entry is
   a .parquet file    one document per row, the string column `data.text_key`
   a .arrow file      the same, in Arrow IPC (stream or file) format: what Hugging Face `datasets`
                      writes with `save_to_disk` and keeps in its cache, so a `datasets` dataset is
-                     read from its directory without the `datasets` library
-  a directory        every such file below it, recursively, sorted by relative path
+                     read from its directory without the `datasets` library (point at one split's
+                     directory: a DatasetDict's holds one subdirectory per split)
+  a directory        every such file below it, recursively, sorted by relative path (leaving
+                     out `datasets`' `cache-*.arrow` files of derived tables)
 Documents keep the order of `data.paths`. Each gets a key for the hash split: the file's name
 (or its path relative to the listed directory), plus `:line` for JSONL lines and `:row` for
 Parquet / Arrow rows.
@@ -77,6 +79,12 @@ def _problem_warnings(problems: list[tuple[Path, Problem]]) -> list[str]:
     return lines
 
 
+def _datasets_cache_file(path: Path) -> bool:
+    """`cache-*.arrow`: Hugging Face `datasets` keeps the results of .map / .filter beside a
+    dataset's own files under that name; they would repeat its documents."""
+    return path.suffix == ".arrow" and path.name.startswith("cache-")
+
+
 def _list_files(entry: str, i: int) -> list[tuple[str, Path]]:
     """[(key, path)] for one data.paths entry."""
     path = Path(entry).expanduser()
@@ -84,7 +92,7 @@ def _list_files(entry: str, i: int) -> list[tuple[str, Path]]:
         raise ConfigError(f"data.paths[{i}]={entry!r} does not exist; give {'/'.join(EXTENSIONS)} files or directories")
     if path.is_dir():
         files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*")
-                       if p.is_file() and p.suffix in EXTENSIONS)
+                       if p.is_file() and p.suffix in EXTENSIONS and not _datasets_cache_file(p))
         if not files:
             raise ConfigError(f"data.paths[{i}]={entry!r} is a directory without {'/'.join(EXTENSIONS)} files")
         return files
@@ -117,18 +125,23 @@ def _jsonl_texts(key: str, path: Path, content: str, text_key: str) -> list[tupl
     return out
 
 
-def _table_texts(key: str, path: Path, data: bytes, text_key: str) -> list[tuple[str, str]]:
-    """[(key:row, text)] for the rows of a Parquet or Arrow (IPC stream or file) table."""
+def _table_texts(key: str, path: Path, text_key: str) -> list[tuple[str, str]]:
+    """[(key:row, text)] for the rows of a Parquet or Arrow (IPC stream or file) table; only the
+    text column is read (Arrow files are memory-mapped)."""
     import pyarrow as pa
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
-            table = pq.read_table(pa.BufferReader(data), columns=[text_key] if text_key else None)
+            table = pq.read_table(path, columns=[text_key])
         else:
-            try:
-                table = pa.ipc.open_stream(pa.BufferReader(data)).read_all()
-            except pa.ArrowInvalid:
-                table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+            with pa.memory_map(str(path)) as source:
+                try:
+                    table = pa.ipc.open_stream(source).read_all()
+                except pa.ArrowInvalid:
+                    source.seek(0)
+                    table = pa.ipc.open_file(source).read_all()
+                if text_key in table.column_names:
+                    table = table.select([text_key])
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
         if "No match for FieldRef" in str(e) or "not in schema" in str(e):
             raise ConfigError(f"data.text_key={text_key!r} is not a column of {path}") from None
@@ -150,10 +163,9 @@ def list_files(paths: Sequence[str]) -> list[tuple[str, Path]]:
 
 def read_file(key: str, path: Path, text_key: str) -> tuple[list[tuple[str, str]], Problem | None]:
     """The (key, text) documents of one input file, and what was wrong with its bytes."""
-    data = path.read_bytes()
     if path.suffix in TABLES:
-        return _table_texts(key, path, data, text_key), None
-    content, problem = decode_text(data)
+        return _table_texts(key, path, text_key), None
+    content, problem = decode_text(path.read_bytes())
     if content is None:
         return [], problem
     if path.suffix == ".jsonl":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any
 
 import grain
@@ -74,15 +75,20 @@ def task_vocab_size(cfg: DataConfig) -> int:
 
 # ----------------------------------------------------------------------------- shards
 
+@functools.lru_cache(maxsize=16)
+def _open_shards(directory: str, split: str, tokenizer: str):
+    """One ShardSet per process (train, eval and the unigram baseline all ask for them)."""
+    from train.data.shards import open_shard_set
+    from train.data.tokenizer import tokenizer_identity
+    return open_shard_set(directory, split, tokenizer_identity(tokenizer))
+
+
 def _shard_sets(cfg: DataConfig, which: str) -> list:
     """The ShardSets of data.paths for "train"; for "validation", those of data.eval_paths read
     whole when given, else each directory's validation split. Checked against data.tokenizer."""
-    from train.data.shards import open_shard_set
-    from train.data.tokenizer import tokenizer_identity
-    ident = tokenizer_identity(cfg.tokenizer)
     if which == "validation" and cfg.eval_paths:
-        return [open_shard_set(d, "all", ident) for d in cfg.eval_paths]
-    return [open_shard_set(d, which, ident) for d in cfg.paths]
+        return [_open_shards(d, "all", cfg.tokenizer) for d in cfg.eval_paths]
+    return [_open_shards(d, which, cfg.tokenizer) for d in cfg.paths]
 
 
 def _weights(cfg: DataConfig, sets: list) -> list[float]:
@@ -97,11 +103,10 @@ def _names(sets: list) -> tuple[str, ...]:
     return tuple(n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names))
 
 
-def _mixed_rows(cfg: DataConfig, sets: list, weights: list[float], seed: int | None, partial: bool):
-    """MapDataset of rows: each set's rows (shuffled per epoch from `seed` and repeated when
-    seed is given; finite and in one fixed order for evaluation), mixed by weight."""
+def _source_rows(cfg: DataConfig, sets: list, weights: list[float], partial: bool) -> list:
+    """[(source id, PackedRows, weight)] of the sets with weight > 0."""
     from train.data.shards import PackedRows
-    parts = []
+    out = []
     for i, (s, w) in enumerate(zip(sets, weights)):
         if w == 0:
             continue
@@ -109,27 +114,45 @@ def _mixed_rows(cfg: DataConfig, sets: list, weights: list[float], seed: int | N
         if len(rows) == 0:
             raise ConfigError(f"shard directory {s.directory} has {s.num_tokens} {s.split} tokens: fewer than one row "
                               f"of data.seq_len + 1 = {cfg.seq_len + 1}")
-        ds = grain.MapDataset.source(rows)
-        if seed is None:
-            ds = ds.shuffle(seed=_EVAL_ORDER_SEED + i)
-        else:
-            ds = ds.shuffle(seed=_shuffle_seed(seed + 7919 * i)).repeat(None)
-        parts.append((ds, w))
+        out.append((i, rows, w))
+    return out
+
+
+def _train_rows(cfg: DataConfig, sets: list, weights: list[float], seed: int) -> grain.MapDataset:
+    """Endless MapDataset of training rows: each set's rows in a new shuffled order every epoch,
+    mixed by weight (grain's deterministic proportional interleave)."""
+    parts = [(grain.MapDataset.source(rows).shuffle(seed=_shuffle_seed(seed, i)).repeat(None), w)
+             for i, rows, w in _source_rows(cfg, sets, weights, partial=False)]
     if len(parts) == 1:
         return parts[0][0]
     return grain.MapDataset.mix([d for d, _ in parts], [w for _, w in parts])
 
 
+def _eval_rows(cfg: DataConfig, sets: list, weights: list[float], want: int) -> list:
+    """The first `want` validation rows: source i gives its first ceil(want w_i) rows (or all it
+    has) in a fixed shuffled order, interleaved in proportion, so a small source never shortens
+    the others (grain's mix of finite datasets stops at the first one exhausted)."""
+    picks = []
+    for i, rows, w in _source_rows(cfg, sets, weights, partial=True):
+        order = grain.MapDataset.source(rows).shuffle(seed=_EVAL_ORDER_SEED + i)
+        n = min(len(rows), math.ceil(want * w))
+        picks += [((k + 0.5) / n, i, order, k) for k in range(n)]
+    picks.sort(key=lambda p: p[:2])
+    return [order[k] for _, _, order, k in picks[:want]]
+
+
 def _shards_unigram_bits_per_byte(cfg: DataConfig, tok: Tokenizer) -> float:
     sets = _shard_sets(cfg, "train")
     counts = np.zeros(tok.vocab_size, np.float64)
-    for s, w in zip(sets, _weights(cfg, sets)):
-        n = min(len(s), max(1, UNIGRAM_SAMPLE_DOCS // len(sets)))
+    weights = _weights(cfg, sets)
+    for s, w in zip(sets, weights):
+        if w == 0:
+            continue
+        n = min(len(s), max(1, UNIGRAM_SAMPLE_DOCS // sum(x > 0 for x in weights)))
         picks = np.unique(np.linspace(0, len(s) - 1, n).astype(np.int64)) if len(s) else []
         c = np.bincount(np.concatenate([s.record(i) for i in picks] + [np.zeros(0, np.int32)]),
                         minlength=tok.vocab_size).astype(np.float64)
         counts += w * c / max(c.sum(), 1.0)
-    log.info("unigram baseline from up to %d records per shard directory", UNIGRAM_SAMPLE_DOCS // len(sets))
     return _entropy_bits_per_byte(counts, tok.token_bytes)
 
 
@@ -143,7 +166,7 @@ def _absl_flags_parsed() -> None:
 def _shards_train_iterator(cfg: DataConfig, seed: int, host_rows: tuple[int, int]) -> RowIterator:
     sets = _shard_sets(cfg, "train")
     weights = _weights(cfg, sets)
-    rows = _mixed_rows(cfg, sets, weights, seed, partial=False)
+    rows = _train_rows(cfg, sets, weights, seed)
     lo, hi = host_rows
     width, B = hi - lo, cfg.batch_size
     # element n of `mine` is rows [n B + lo, n B + hi) of the global stream: this host's part of
@@ -168,12 +191,12 @@ def _shards_train_iterator(cfg: DataConfig, seed: int, host_rows: tuple[int, int
 
 
 def _shards_eval_rows(cfg: DataConfig, want: int) -> list:
-    """The first `want` validation rows (fewer if the data is short), as a random-access list."""
+    """The first `want` validation rows (fewer if the data is short)."""
     sets = _shard_sets(cfg, "validation")
     weights = [1.0 / len(sets)] * len(sets) if cfg.eval_paths else _weights(cfg, _shard_sets(cfg, "train"))
-    rows = _mixed_rows(cfg, sets, weights, None, partial=True)
-    log.info("eval rows: shards %s", "; ".join(f"{s.directory} [{s.split}]" for s in sets))
-    return rows[:min(want, len(rows))]
+    rows = _eval_rows(cfg, sets, weights, want)
+    log.info("eval rows: %d from shards %s", len(rows), "; ".join(f"{s.directory} [{s.split}]" for s in sets))
+    return rows
 
 
 # ----------------------------------------------------------------------------- documents
@@ -214,10 +237,12 @@ def _nonempty_split(cfg: DataConfig, which: str) -> DocSplit:
 
 # ----------------------------------------------------------------------------- train
 
-def _shuffle_seed(seed: int) -> int:
+def _shuffle_seed(seed: int, stream: int = 0) -> int:
     # grain reshuffles epoch e with seed + e, so seeds 0 and 1 would share all epochs but one;
-    # hashing the run seed first puts different runs far apart in that sequence.
-    return int(np.random.SeedSequence([int(seed) & (2**63 - 1), 0x5EED]).generate_state(1)[0])
+    # hashing the run seed first puts different runs far apart in that sequence. `stream` gives
+    # each source of a mixture its own order (stream 0 keeps the single-source seeds unchanged).
+    key = [int(seed) & (2**63 - 1), 0x5EED] + ([int(stream)] if stream else [])
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 def _identity(cfg: DataConfig, seed: int, num_records: int) -> dict[str, Any]:

@@ -2,12 +2,14 @@
 
 A `ShardSet` is one split of one prepared directory: its ArrayRecord files, read through grain's
 `ArrayRecordDataSource`, and the per-record index (tokens, starts a document) from the
-`*.index.npy` files, which is all that is held in memory (8 bytes per record).
+`*.index.npy` files, which is all that is held in memory (9 bytes per record: the cumulative
+token offset and the document-start flag).
 
 `PackedRows` lays a ShardSet's tokens end to end, in storage order, and cuts them into rows of
 L = seq_len + 1 tokens: row r is tokens [r L, (r + 1) L) of that stream. Because the cumulative
-record lengths are known, any row is read directly (a binary search, then the one to three
-records it overlaps), so a row is a pure function of its index: grain can shuffle rows with its
+record lengths are known, any row is read directly (a binary search, then the records it
+overlaps: about L / (mean document length) + 1 of them, each read whole), so a row is a pure
+function of its index: grain can shuffle rows with its
 index shuffle, slice them per host and hand them to worker processes, and an iterator's position
 is just the number of batches drawn. Inside a row the pieces of documents get segment ids
 1, 2, ... and positions restarting at 0, exactly as the in-memory packer (train.data.packing)
@@ -31,11 +33,12 @@ import numpy as np
 
 from train.config import ConfigError
 
-__all__ = ["ShardError", "ShardSet", "PackedRows", "open_shard_set", "shard_fingerprint"]
+__all__ = ["ShardError", "ShardSet", "PackedRows", "open_shard_set", "content_plan", "shard_fingerprint",
+           "FORMAT", "META_FILE"]
 
 log = logging.getLogger("chimera.data")
 
-FORMAT = "chimera-shards/2"  # train.prepare_data.FORMAT (not imported: that module is a CLI)
+FORMAT = "chimera-shards/2"  # written by train.prepare_data
 META_FILE = "metadata.json"
 
 
@@ -61,18 +64,28 @@ def _read_meta(directory: Path) -> dict:
     return meta
 
 
+def content_plan(plan: dict) -> dict:
+    """A prepare plan less where things lie (input paths, the tokenizer's path, the tfds data
+    directory): what identifies the content, with the corpus's and tokenizer's SHA-256."""
+    out = {k: v for k, v in plan.items() if k != "paths"}
+    out["tokenizer"] = {k: v for k, v in plan["tokenizer"].items() if k != "spec"}
+    if out.get("tfds"):
+        out["tfds"] = {k: v for k, v in plan["tfds"].items() if k != "data_dir"}
+    return out
+
+
 def shard_fingerprint(meta: dict) -> str:
-    """What identifies a prepared set's content: the SHA-256 of its plan (tokenizer and corpus
-    hashes, split, record size). Paths do not enter it, so a moved directory still resumes."""
-    plan = {k: v for k, v in meta["plan"].items() if k != "paths"}
-    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+    """What identifies a prepared set's content: a hash of its content plan. A moved directory,
+    or the same tokenizer file elsewhere, still resumes."""
+    return hashlib.sha256(json.dumps(content_plan(meta["plan"]), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ShardSet:
     """One split ("train", "validation", or "all" for both) of one prepared directory.
 
-    files: absolute shard paths in order; lengths int32 [R]; starts bool [R] (record begins a
-    document); offsets int64 [R + 1] (cumulative tokens); num_tokens, num_bytes, num_documents.
+    files: absolute shard paths in order; starts bool [R] (record begins a document); offsets
+    int64 [R + 1] (cumulative tokens: record i holds offsets[i + 1] - offsets[i]); num_tokens,
+    num_bytes, num_documents.
     """
 
     def __init__(self, directory: str | Path, split: str):
@@ -92,9 +105,9 @@ class ShardSet:
         self.files = [str((directory / s["file"]).absolute()) for s in shards]
         index = [self._check_shard(directory, s) for s in shards]
         index = np.concatenate(index) if index else np.zeros((0, 2), np.int32)
-        self.lengths = index[:, 0].astype(np.int32)
         self.starts = index[:, 1].astype(bool)
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+        self.offsets = np.concatenate([[0], np.cumsum(index[:, 0], dtype=np.int64)])
+        del index
         # file_of[k]: the first record of shard file k (to name the file of a bad record)
         self.file_of = np.concatenate([[0], np.cumsum([s["records"] for s in shards], dtype=np.int64)])
         self._source = None  # the ArrayRecordDataSource, opened on first read in each process
@@ -124,13 +137,13 @@ class ShardSet:
         return index
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.starts)
 
     def __getstate__(self) -> dict:  # worker processes open their own readers
         return {**self.__dict__, "_source": None}
 
     def record(self, i: int) -> np.ndarray:
-        """Record i's tokens, int32 [lengths[i]]."""
+        """Record i's tokens, int32 [offsets[i + 1] - offsets[i]]."""
         if self._source is None:
             import grain
             self._source = grain.sources.ArrayRecordDataSource(self.files)
@@ -140,11 +153,11 @@ class ShardSet:
         except Exception as e:  # noqa: BLE001 - riegeli's checksum and I/O errors
             raise ShardError(f"shard file {file}: record {i} is unreadable ({type(e).__name__}: "
                              f"{str(e)[:200]})") from None
-        tokens = np.frombuffer(raw, self.dtype)
-        if len(tokens) != self.lengths[i] or len(raw) != self.lengths[i] * self.dtype.itemsize:
+        n = int(self.offsets[i + 1] - self.offsets[i])
+        if len(raw) != n * self.dtype.itemsize:
             raise ShardError(f"shard file {file}: record {i} has {len(raw)} bytes; its index says "
-                             f"{self.lengths[i]} tokens of {self.dtype.itemsize} bytes")
-        return tokens.astype(np.int32)
+                             f"{n} tokens of {self.dtype.itemsize} bytes")
+        return np.frombuffer(raw, self.dtype).astype(np.int32)
 
     def documents(self) -> list[np.ndarray]:
         """Every document, whole (its records joined): for tests and inspection, not training."""
