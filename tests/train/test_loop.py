@@ -49,24 +49,28 @@ def test_tiny_run_learns_and_leaves_a_run_dir(tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [20, 40]
 
 
-def test_resume_follows_the_uninterrupted_trajectory(tmp_path, monkeypatch):
-    cfg = small("train.steps=12", "train.checkpoint_every=5", "optimizer.warmup_steps=0")
-    run(cfg, tmp_path / "straight")
-
+def run_killed_after(cfg, run_dir, monkeypatch, step: int) -> None:
+    """Run `cfg` in run_dir and die right after logging train step `step`, as a kill would."""
     class Killed(Exception):
         pass
 
     original = loop_mod.RunLogger.write
 
-    def write_then_die(self, kind, step, metrics):
-        original(self, kind, step, metrics)
-        if kind == "train" and step == 7:  # dies after step 7; the last checkpoint is step 5
+    def write_then_die(self, kind, at, metrics):
+        original(self, kind, at, metrics)
+        if kind == "train" and at == step:
             raise Killed()
 
     monkeypatch.setattr(loop_mod.RunLogger, "write", write_then_die)
     with pytest.raises(Killed):
-        run(cfg, tmp_path / "split")
+        run(cfg, run_dir)
     monkeypatch.setattr(loop_mod.RunLogger, "write", original)
+
+
+def test_resume_follows_the_uninterrupted_trajectory(tmp_path, monkeypatch):
+    cfg = small("train.steps=12", "train.checkpoint_every=5", "optimizer.warmup_steps=0")
+    run(cfg, tmp_path / "straight")
+    run_killed_after(cfg, tmp_path / "split", monkeypatch, 7)  # the last checkpoint is step 5
     run(cfg, tmp_path / "split")
     a, b = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
     records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]

@@ -9,7 +9,6 @@ import grain
 import numpy as np
 import pytest
 
-import train.loop as loop_mod
 from train.config import ConfigError, DataConfig
 from train.data import make_eval_batches, make_train_iterator
 from train.data.documents import tokenized_corpus
@@ -17,9 +16,10 @@ from train.data.files_source import file_texts
 from train.data.packing import pack_documents
 from train.data.shards import PackedRows, ShardError, ShardSet
 from train.data.tokenizer import build_tokenizer
+from train.loop import run
 from train.prepare_data import prepare
 
-from test_loop import small, train_losses  # tests/train/ is on sys.path
+from test_loop import run_killed_after, small, train_losses  # tests/train/ is on sys.path
 
 
 def write_corpus(d, n, seed, words=("alpha", "beta", "gamma", "délta", "ε", "🦊", "\n")):
@@ -216,23 +216,8 @@ def test_a_killed_run_on_shards_resumes_on_the_same_rows(prepared, tmp_path, mon
     args = ["data.source=shards", f"data.paths={prepared / 'sa'},{prepared / 'sb'}", "data.mixture=0.6,0.4",
             "train.steps=8", "train.checkpoint_every=3", "optimizer.warmup_steps=0", "model.pattern=attn",
             "model.num_layers=1", "train.eval_batches=1"]
-    run = loop_mod.run
     run(small(*args), tmp_path / "straight")
-
-    class Killed(Exception):
-        pass
-
-    original = loop_mod.RunLogger.write
-
-    def write_then_die(self, kind, step, metrics):
-        original(self, kind, step, metrics)
-        if kind == "train" and step == 5:  # dies after step 5; the last checkpoint is step 3
-            raise Killed()
-
-    monkeypatch.setattr(loop_mod.RunLogger, "write", write_then_die)
-    with pytest.raises(Killed):
-        run(small(*args), tmp_path / "split")
-    monkeypatch.setattr(loop_mod.RunLogger, "write", original)
+    run_killed_after(small(*args), tmp_path / "split", monkeypatch, 5)  # the last checkpoint is step 3
     run(small(*args), tmp_path / "split")
     a, b = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
     assert a == b  # every step's loss exactly: the same rows in the same order

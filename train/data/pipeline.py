@@ -327,23 +327,16 @@ def make_eval_batches(cfg: DataConfig, num_batches: int, host_rows: tuple[int, i
 
     Fewer when the split is small (at least one); the last batch is filled up with all-padding
     rows (loss_mask 0) so every batch has the same shape and nothing recompiles.
-    host_rows: as make_train_iterator's; only those rows of each batch are returned (and, for
-    shards, read).
+    host_rows: as make_train_iterator's; only those rows of each batch are returned.
     """
     cfg.check()
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     lo, hi = _check_host_rows(cfg, host_rows)
     want = num_batches * cfg.batch_size
-    B = cfg.batch_size
     if cfg.source == "shards":
         rows = _shards_eval_rows(cfg, want)
-        n = -(-len(rows) // B) * B
-        mine = [rows[i] if i < len(rows) else empty_example(cfg.seq_len)
-                for i in range(n) if lo <= i % B < hi]
-        return [_stack([{k: r[k] for k in EXAMPLE_KEYS} for r in mine[i:i + hi - lo]])
-                for i in range(0, len(mine), hi - lo)]
-    if cfg.source == "mqar":
+    elif cfg.source == "mqar":
         examples = MQARExamples(cfg.mqar, cfg.seq_len, "validation")
         if len(examples) == 0:
             raise ConfigError("data.mqar.num_eval_examples must be >= 1 for evaluation")
@@ -359,7 +352,7 @@ def make_eval_batches(cfg: DataConfig, num_batches: int, host_rows: tuple[int, i
             if len(rows) == want:
                 break
     rows += [empty_example(cfg.seq_len)] * (-len(rows) % cfg.batch_size)
-    return [_stack(rows[i + lo:i + hi]) for i in range(0, len(rows), B)]
+    return [_stack(rows[i + lo:i + hi]) for i in range(0, len(rows), cfg.batch_size)]
 
 
 # ----------------------------------------------------------------------------- unigram baseline
