@@ -1,4 +1,5 @@
-"""Data pipeline: tokenizers, document sources (stdlib, files, tfds, mqar), packing, batches.
+"""Data pipeline: tokenizers, document sources (stdlib, files, tfds, mqar), prepared shards
+(train.data.shards, made by `python -m train.prepare_data`), packing, batches.
 
     it = make_train_iterator(cfg.data, seed=cfg.train.seed)   # endless, resumable
     batch = next(it)                                          # dict of [B, T] numpy arrays
