@@ -67,6 +67,7 @@ def run_killed_after(cfg, run_dir, monkeypatch, step: int) -> None:
     monkeypatch.setattr(loop_mod.RunLogger, "write", original)
 
 
+@pytest.mark.slow  # the default tier's: test_shards.py::test_a_killed_run_on_shards_resumes_on_the_same_rows
 def test_resume_follows_the_uninterrupted_trajectory(tmp_path, monkeypatch):
     cfg = small("train.steps=12", "train.checkpoint_every=5", "optimizer.warmup_steps=0")
     run(cfg, tmp_path / "straight")
