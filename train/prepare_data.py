@@ -38,7 +38,8 @@ last `val_fraction` of each document's tokens is validation instead. tfds keeps 
 Resumable and idempotent: a job writes its shards under temporary names, renames them, then
 writes done/<job>.json; a rerun skips done jobs and writes the rest, and a rerun of a finished
 directory writes nothing. An output directory prepared from another plan is refused, never
-overwritten.
+overwritten; one that another prepare_data is writing is refused too (an flock on --out/.lock,
+as training takes on its run directory).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ import numpy as np
 
 from train.config import ConfigError, DataConfig
 from train.data.shards import FORMAT, META_FILE, content_plan
+from train.run_lock import RunLock
 
 log = logging.getLogger("chimera.data")
 PLAN_FILE, DONE_DIR = "plan.json", "done"
@@ -303,26 +305,32 @@ def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), 
                 if name == META_FILE:
                     log.info("%s is already prepared from this input: nothing to write", out)
                     return json.loads((out / META_FILE).read_text())
-        (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
-        if not (out / PLAN_FILE).is_file():
-            tmp = out / (PLAN_FILE + ".tmp")
-            tmp.write_text(json.dumps(plan, indent=2) + "\n")
-            tmp.rename(out / PLAN_FILE)
-        for stale in list(out.glob("*.tmp")) + list((out / DONE_DIR).glob("*.tmp")):  # cut short by a kill
-            stale.unlink()
-        task = bar.add_task(f"tokenizing into {out}", total=len(jobs))
-        results = list(_map(_write_job, [(i, j, plan, str(out), tfds) for i, j in enumerate(jobs)], workers, bar, task))
+        with RunLock(out, doing="being prepared", instead="use another --out"):  # one writer at a time
+            (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
+            if not (out / PLAN_FILE).is_file():
+                tmp = out / (PLAN_FILE + ".tmp")
+                tmp.write_text(json.dumps(plan, indent=2) + "\n")
+                tmp.rename(out / PLAN_FILE)
+            for stale in list(out.glob("*.tmp")) + list((out / DONE_DIR).glob("*.tmp")):  # cut short by a kill
+                stale.unlink()
+            task = bar.add_task(f"tokenizing into {out}", total=len(jobs))
+            results = list(_map(_write_job, [(i, j, plan, str(out), tfds) for i, j in enumerate(jobs)], workers,
+                                bar, task))
+            _write_metadata(out, plan, results)
+    return json.loads((out / META_FILE).read_text())
+
+
+def _write_metadata(out: Path, plan: dict, results: list[dict]) -> None:
+    """metadata.json from the jobs' results, written last: its presence says every shard is whole."""
     stats = {s: {"shards": [], "documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     for r in results:
         for s, shard in r.items():
             stats[s]["shards"].append({k: shard[k] for k in ("file", "index", "documents", "records", "tokens")})
             for k in ("documents", "tokens", "bytes"):
                 stats[s][k] += shard[k]
-    meta = {"plan": plan, "splits": stats}
     tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.rename(out / META_FILE)  # last: its presence says every shard is whole
-    return meta
+    tmp.write_text(json.dumps({"plan": plan, "splits": stats}, indent=2) + "\n")
+    tmp.rename(out / META_FILE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

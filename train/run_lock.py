@@ -35,8 +35,12 @@ class RunDirBusy(ConfigError):
 
 
 class RunLock:
-    def __init__(self, run_dir: str | Path):
+    """doing / instead: how a second writer's error names the holder's work and the way out
+    (also used by `python -m train.prepare_data` on its --out)."""
+
+    def __init__(self, run_dir: str | Path, doing: str = "being trained", instead: str = "use another --run-dir"):
         self.path = Path(run_dir) / LOCK_FILE
+        self.doing, self.instead = doing, instead
         self._fd: int | None = None
 
     def _read_holder(self) -> dict:
@@ -63,8 +67,8 @@ class RunLock:
             self._fd = None
             who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (since {holder.get('since', '?')})"
                    if holder else "another process")
-            raise RunDirBusy(f"{self.path.parent} is being trained by {who}; wait for it to finish, stop it, "
-                             "or use another --run-dir") from None
+            raise RunDirBusy(f"{self.path.parent} is {self.doing} by {who}; wait for it to finish, stop it, "
+                             f"or {self.instead}") from None
         stale = self._read_holder()
         if stale:
             log.warning("run directory lock: the previous holder (pid %s on host %s, since %s) ended without "

@@ -150,3 +150,11 @@ def test_a_tfds_dataset_keeps_its_splits(tiny_tfds, tmp_path):
     for split, ids in (("train", range(30)), ("validation", range(100, 106))):
         docs = [bytes(g.astype(np.uint8)).decode() for g in ShardSet(tmp_path / "out", split).documents()]
         assert sorted(docs) == sorted(f"<{i}> " + "words " * (i % 5) for i in ids)
+
+
+def test_a_second_writer_of_the_same_out_is_refused(corpus, tmp_path):
+    from train.run_lock import RunDirBusy, RunLock
+    with RunLock(tmp_path / "s", doing="being prepared", instead="use another --out"):
+        with pytest.raises(RunDirBusy, match=r"s is being prepared by pid \d+.*or use another --out"):
+            prepare(tmp_path / "s", "files", [str(corpus)])
+    assert prepare(tmp_path / "s", "files", [str(corpus)])["splits"]["train"]["documents"] > 0
