@@ -227,3 +227,16 @@ def test_a_killed_run_on_shards_resumes_on_the_same_rows(prepared, tmp_path, mon
     want = [r for r in straight if r["kind"] == "train"][-1]
     assert last["tokens/sa"] == want["tokens/sa"] and last["tokens/sb"] == want["tokens/sb"]
     assert last["tokens/sa"] + last["tokens/sb"] == 8 * 4 * 64
+
+
+def test_eval_suites_that_need_documents_get_them_from_shards(prepared):
+    from train.data.pipeline import doc_split
+    from train.evals.niah import haystack_pool
+    c = cfg(prepared)
+    split = doc_split(c, "validation")
+    want = tokenized_corpus("files", file_texts([str(prepared / "a")], "text"), build_tokenizer("byte"), 0.05)
+    assert len(split) == len(want.validation.records)
+    for i in range(len(split)):
+        np.testing.assert_array_equal(split.to_tokens(split.records[i]), want.validation.records[i])
+    pool = haystack_pool(c, build_tokenizer("byte"), 3000, seed=0)
+    assert len(pool) >= 3000 and set(np.unique(pool)) <= set(np.unique(np.concatenate(list(split.records)))) | {10}

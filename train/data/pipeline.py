@@ -223,7 +223,10 @@ def doc_split(cfg: DataConfig, which: str) -> DocSplit:
         split = tfds_split(cfg, which, _tokenizer(cfg.tokenizer))
         log.info("data source %s: %s", cfg.source, split.describe())
         return split
-    raise ConfigError(f"data.source={cfg.source!r} has no documents; text sources: stdlib, files, tfds")
+    if cfg.source == "shards":  # the documents of the first directory (of data.eval_paths for validation)
+        s = _shard_sets(cfg, which)[0]
+        return DocSplit(f"shards:{s.directory}", s.split, s.documents())
+    raise ConfigError(f"data.source={cfg.source!r} has no documents; text sources: stdlib, files, tfds, shards")
 
 
 def _nonempty_split(cfg: DataConfig, which: str) -> DocSplit:

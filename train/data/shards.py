@@ -33,7 +33,7 @@ import numpy as np
 
 from train.config import ConfigError
 
-__all__ = ["ShardError", "ShardSet", "PackedRows", "open_shard_set", "content_plan", "shard_fingerprint",
+__all__ = ["ShardError", "ShardSet", "ShardDocuments", "PackedRows", "open_shard_set", "content_plan", "shard_fingerprint",
            "FORMAT", "META_FILE"]
 
 log = logging.getLogger("chimera.data")
@@ -159,11 +159,25 @@ class ShardSet:
                              f"{n} tokens of {self.dtype.itemsize} bytes")
         return np.frombuffer(raw, self.dtype).astype(np.int32)
 
-    def documents(self) -> list[np.ndarray]:
-        """Every document, whole (its records joined): for tests and inspection, not training."""
-        recs = [self.record(i) for i in range(len(self))]
-        heads = [i for i in range(len(self)) if self.starts[i]] + [len(self)]
-        return [np.concatenate(recs[a:b]) for a, b in zip(heads[:-1], heads[1:])]
+    def documents(self) -> "ShardDocuments":
+        """The set's documents, whole, at random access (for eval suites, tests, inspection)."""
+        return ShardDocuments(self)
+
+
+class ShardDocuments:
+    """Documents of a ShardSet: len, [d] -> int32 tokens (its records joined)."""
+
+    def __init__(self, shards: ShardSet):
+        self.shards = shards
+        self.heads = np.concatenate([np.flatnonzero(shards.starts), [len(shards)]])
+
+    def __len__(self) -> int:
+        return len(self.heads) - 1
+
+    def __getitem__(self, d: int) -> np.ndarray:
+        if not 0 <= d < len(self):
+            raise IndexError(f"document {d} out of range [0, {len(self)})")
+        return np.concatenate([self.shards.record(i) for i in range(self.heads[d], self.heads[d + 1])])
 
 
 def open_shard_set(directory: str, split: str, tokenizer_identity: dict[str, Any] | None = None) -> ShardSet:
