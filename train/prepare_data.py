@@ -26,8 +26,9 @@ Output directory:
                                          split's documents, tokens and UTF-8 bytes
 
 The work is cut into jobs, each one shard number: for `files`, consecutive input files of up to
-`--shard-mb` MB (a larger file is a job of its own); for `stdlib` and `tfds`, `--docs-per-shard`
-documents. Jobs run in `--workers` processes, each reading only its own input. Two passes: the
+`--shard-mb` MB, a larger JSONL or Parquet file being cut at line or row-group ends into pieces of
+about that size (a larger .txt or .arrow file is a job of its own); for `stdlib` and `tfds`,
+`--docs-per-shard` documents. Jobs run in `--workers` processes, each reading only its own input. Two passes: the
 first reads and hashes every job's documents (the plan, and the split mode below), the second
 tokenizes and writes them; memory holds one job's text per worker.
 
@@ -108,15 +109,17 @@ def _jobs(source: str, paths: Sequence[str], shard_mb: float, docs_per_shard: in
           tfds: dict | None) -> list[dict]:
     """The jobs of a source, in order; each is a small picklable description of its input."""
     if source == "files":
-        from train.data.files_source import list_files
+        from train.data.files_source import file_parts, list_files
         jobs, current, size = [], [], 0
+        max_bytes = int(shard_mb * 2**20)
         for key, path in list_files(paths):
-            n = path.stat().st_size
-            if current and size + n > shard_mb * 2**20:
-                jobs.append({"files": current})
-                current, size = [], 0
-            current.append((key, str(path)))
-            size += n
+            for part in file_parts(path, max_bytes):  # a large JSONL / Parquet file: several jobs
+                n = part.size if part is not None else path.stat().st_size
+                if current and size + n > max_bytes:
+                    jobs.append({"files": current})
+                    current, size = [], 0
+                current.append((key, str(path), part))
+                size += n
         return jobs + [{"files": current}]
     if source == "stdlib":
         from train.data.stdlib_source import stdlib_texts
@@ -144,8 +147,8 @@ def _job_docs(job: dict, text_key: str, tfds: dict | None) -> tuple[list[tuple[s
     if "files" in job:
         from train.data.files_source import read_file
         docs = []
-        for key, path in job["files"]:
-            texts, problem = read_file(key, Path(path), text_key)
+        for key, path, part in job["files"]:
+            texts, problem = read_file(key, Path(path), text_key, part)
             if problem is not None:
                 problems.append((path, problem))
             docs += texts

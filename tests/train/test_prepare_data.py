@@ -158,3 +158,31 @@ def test_a_second_writer_of_the_same_out_is_refused(corpus, tmp_path):
         with pytest.raises(RunDirBusy, match=r"s is being prepared by pid \d+.*or use another --out"):
             prepare(tmp_path / "s", "files", [str(corpus)])
     assert prepare(tmp_path / "s", "files", [str(corpus)])["splits"]["train"]["documents"] > 0
+
+
+def test_large_jsonl_and_parquet_files_are_cut_into_jobs_that_read_as_the_whole_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from train.data.files_source import file_parts
+    from train.data.shards import ShardSet
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(300):  # blank lines and a CRLF part shift the line numbers that keys hold
+        lines.append(json.dumps({"text": f"line {i} " + "ab " * int(rng.integers(0, 30))}))
+        if i % 37 == 0:
+            lines.append("")
+    (d / "big.jsonl").write_bytes(("\n".join(lines[:150]) + "\r\n" + "\n".join(lines[150:]) + "\n").encode())
+    pq.write_table(pa.table({"text": [f"row {i} " + "cd " * (i % 11) for i in range(500)]}), d / "big.parquet",
+                   row_group_size=60)
+    assert len(file_parts(d / "big.jsonl", 4000)) > 3 and len(file_parts(d / "big.parquet", 4000)) == 3
+    meta = prepare(tmp_path / "out", "files", [str(d)], shard_mb=4000 / 2**20, val_fraction=0.2, workers=1)
+    assert len(meta["splits"]["train"]["shards"]) > 6
+    want = tokenized_corpus("files", file_texts([str(d)], "text"), build_tokenizer("byte"), 0.2)
+    for split, docs in (("train", want.train), ("validation", want.validation)):
+        got = ShardSet(tmp_path / "out", split).documents()
+        assert len(got) == len(docs.records)
+        for g, w in zip(got, docs.records):
+            np.testing.assert_array_equal(g, w)

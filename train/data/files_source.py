@@ -28,7 +28,7 @@ from typing import NamedTuple, Sequence
 
 from train.config import ConfigError
 
-__all__ = ["file_texts", "list_files", "read_file", "decode_text", "Problem", "EXTENSIONS", "BINARY_SNIFF"]
+__all__ = ["file_texts", "list_files", "file_parts", "read_file", "Part", "decode_text", "Problem", "EXTENSIONS", "BINARY_SNIFF"]
 
 log = logging.getLogger("chimera.data")
 
@@ -102,12 +102,13 @@ def _list_files(entry: str, i: int) -> list[tuple[str, Path]]:
     return [(path.name, path)]
 
 
-def _jsonl_texts(key: str, path: Path, content: str, text_key: str) -> list[tuple[str, str]]:
-    """[(key:line, text)] for the non-blank lines of a JSONL file's content."""
+def _jsonl_texts(key: str, path: Path, content: str, text_key: str, first_line: int = 1) -> list[tuple[str, str]]:
+    """[(key:line, text)] for the non-blank lines of a JSONL file's content (whose first line is
+    line `first_line` of the file)."""
     out = []
     # Iterating a StringIO splits on "\n" only, as iterating the open file did: str.splitlines
     # would also split on U+2028 and friends, which JSON strings may hold unescaped.
-    for lineno, line in enumerate(io.StringIO(content), 1):
+    for lineno, line in enumerate(io.StringIO(content), first_line):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -125,12 +126,16 @@ def _jsonl_texts(key: str, path: Path, content: str, text_key: str) -> list[tupl
     return out
 
 
-def _table_texts(key: str, path: Path, text_key: str) -> list[tuple[str, str]]:
-    """[(key:row, text)] for the rows of a Parquet or Arrow (IPC stream or file) table; only the
-    text column is read (Arrow files are memory-mapped)."""
+def _table_texts(key: str, path: Path, text_key: str, part: "Part | None" = None) -> list[tuple[str, str]]:
+    """[(key:row, text)] for the rows of a Parquet or Arrow (IPC stream or file) table, or of a
+    Part's row groups of a Parquet file; only the text column is read (Arrow files are
+    memory-mapped)."""
     import pyarrow as pa
     try:
-        if path.suffix == ".parquet":
+        if part is not None:
+            import pyarrow.parquet as pq
+            table = pq.ParquetFile(path).read_row_groups(range(part.start, part.stop), columns=[text_key])
+        elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
             table = pq.read_table(path, columns=[text_key])
         else:
@@ -151,7 +156,8 @@ def _table_texts(key: str, path: Path, text_key: str) -> list[tuple[str, str]]:
     column = table.column(text_key)
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise ConfigError(f"data.text_key={text_key!r} in {path} is a {column.type} column, not a string")
-    return [(f"{key}:{row}", text) for row, text in enumerate(column.to_pylist()) if text is not None]
+    first = part.first if part is not None else 0
+    return [(f"{key}:{row}", text) for row, text in enumerate(column.to_pylist(), first) if text is not None]
 
 
 def list_files(paths: Sequence[str]) -> list[tuple[str, Path]]:
@@ -161,15 +167,72 @@ def list_files(paths: Sequence[str]) -> list[tuple[str, Path]]:
     return [f for i, entry in enumerate(paths) for f in _list_files(entry, i)]
 
 
-def read_file(key: str, path: Path, text_key: str) -> tuple[list[tuple[str, str]], Problem | None]:
-    """The (key, text) documents of one input file, and what was wrong with its bytes."""
+class Part(NamedTuple):
+    """A piece of one large input file, read on its own: bytes [start, stop) of a JSONL file
+    (whole lines, the first being line `first`), or row groups [start, stop) of a Parquet file
+    (the first row being row `first`). size: its bytes, to group pieces into jobs."""
+    kind: str  # "lines" or "row_groups"
+    start: int
+    stop: int
+    first: int
+    size: int
+
+
+def file_parts(path: Path, max_bytes: int) -> list[Part | None]:
+    """A JSONL or Parquet file larger than max_bytes cut into Parts of about max_bytes (at line
+    ends, at row-group ends); [None] (the whole file) for anything else. Documents and their
+    keys are exactly those of reading the whole file."""
+    size = path.stat().st_size
+    if size <= max_bytes:
+        return [None]
+    parts: list[Part | None] = []
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        meta = pq.ParquetFile(path).metadata
+        start = row = nbytes = 0
+        for g in range(meta.num_row_groups):
+            nbytes += meta.row_group(g).total_byte_size
+            if nbytes >= max_bytes or g == meta.num_row_groups - 1:
+                parts.append(Part("row_groups", start, g + 1, row, nbytes))
+                row += sum(meta.row_group(i).num_rows for i in range(start, g + 1))
+                start, nbytes = g + 1, 0
+        return parts
+    if path.suffix != ".jsonl":
+        return [None]
+    start, line = 0, 1
+    with open(path, "rb") as f:
+        while start < size:
+            f.seek(min(start + max_bytes, size))
+            f.readline()  # to the end of the line the target falls in
+            stop = f.tell()
+            f.seek(start)
+            data = f.read(stop - start)
+            parts.append(Part("lines", start, stop, line, stop - start))
+            # lines as decode_text counts them: \r\n and a lone \r are line ends too
+            line += data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+            start = stop
+    return parts
+
+
+def read_file(key: str, path: Path, text_key: str,
+              part: Part | None = None) -> tuple[list[tuple[str, str]], Problem | None]:
+    """The (key, text) documents of one input file (or of a Part of it, `file_parts`), and what
+    was wrong with its bytes."""
     if path.suffix in TABLES:
-        return _table_texts(key, path, text_key), None
-    content, problem = decode_text(path.read_bytes())
+        return _table_texts(key, path, text_key, part), None
+    if part is None:
+        data = path.read_bytes()
+    else:
+        with open(path, "rb") as f:
+            f.seek(part.start)
+            data = f.read(part.stop - part.start)
+    content, problem = decode_text(data)
+    if problem is not None and part is not None:
+        problem = problem._replace(offset=problem.offset + part.start)
     if content is None:
         return [], problem
     if path.suffix == ".jsonl":
-        return _jsonl_texts(key, path, content, text_key), problem
+        return _jsonl_texts(key, path, content, text_key, part.first if part else 1), problem
     return [(key, content)], problem
 
 
