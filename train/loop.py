@@ -174,6 +174,20 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
+def _agreed_signal(stop: _StopSignal, step: int, every: int) -> int | None:
+    """The signal to stop on, once every process knows of it. A signal may reach only some
+    processes of a multi-host run, and saving is collective: one process saving alone would wait
+    for the others forever. So processes compare their flags every `every` steps (train.log_every)
+    and all stop if any received one; a single process acts at the next step."""
+    if jax.process_count() == 1:
+        return stop.received
+    if step % every:
+        return None
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.array([stop.received or 0], np.int32))
+    return int(np.max(flags)) or None
+
+
 def _restore(ckpt: Checkpointer, abstract_state, train_iter, *, from_scratch: bool):
     """(step, state, steps to set aside): the newest usable checkpoint (step and state None when
     there is none), its data position set on `train_iter`, and the corrupt steps newer than it
@@ -425,11 +439,12 @@ def _train(cfg, run_dir, ckpt, state, graphdef, tx, schedule, train_iter, host_e
                     meter.restart()
                 if step % tc.checkpoint_every == 0:
                     save(step)
-                if stop.received is not None and step < tc.steps:  # at the last step: finish instead
-                    log.info("signal %d received: saving checkpoint at step %d and exiting", stop.received, step)
+                received = _agreed_signal(stop, step, tc.log_every)
+                if received is not None and step < tc.steps:  # at the last step: finish instead
+                    log.info("signal %d received: saving checkpoint at step %d and exiting", received, step)
                     save(step)
                     ckpt.wait()
-                    summary = {"stopped_by_signal": int(stop.received), "step": step}
+                    summary = {"stopped_by_signal": int(received), "step": step}
                     return summary
             train_time = time.perf_counter() - t_start
             save(step)

@@ -67,3 +67,30 @@ def test_two_processes_train_like_one(tmp_path, source):
         for d in ("multi", "single"):
             last = [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()][-2]
             assert last["kind"] == "train" and last["tokens/a"] + last["tokens/b"] == 3 * 8 * 64, last
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_with_a_checkpoint(tmp_path):
+    """SIGTERM reaches only process 1 (as a node-local preemption would): both processes agree at
+    the next log step, save one collective checkpoint and exit 75."""
+    import signal
+    port = free_port()
+    args = [a for a in ARGS if not a.startswith(("train.steps", "train.checkpoint_every"))]
+    args += ["train.steps=400", "train.checkpoint_every=1000"]
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "train", "--run-dir", str(tmp_path / "run"), "runtime.distributed=true", *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for line in procs[0].stdout:
+        if "[train 5/" in line:
+            procs[1].send_signal(signal.SIGTERM)
+            break
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], outs[1][-2000:]
+    saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 5 <= saved[0] < 400
+    assert f"saving checkpoint at step {saved[0]}" in (tmp_path / "run" / "train.log").read_text()
