@@ -56,6 +56,8 @@ def _read_meta(directory: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
         fmt = meta["plan"]["format"]
+        if not all(isinstance(meta["splits"][sp]["shards"], list) for sp in ("train", "validation")):
+            raise TypeError("splits.<split>.shards is not a list")
     except (ValueError, KeyError, TypeError) as e:
         raise ShardError(f"{path} is not a shard metadata file ({type(e).__name__}: {e})") from None
     if fmt != FORMAT:
