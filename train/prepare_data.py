@@ -45,6 +45,7 @@ as training takes on its run directory).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -229,20 +230,21 @@ def _worker_init() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def _map(fn, items: list, workers: int, progress, task):
-    """fn over items in order, in `workers` processes (in this one when workers == 1)."""
-    if workers <= 1 or len(items) <= 1:
-        for x in items:
-            yield fn(x)
-            progress.advance(task)
-        return
+def _pool(workers: int, jobs: int):
+    """`workers` spawn processes for both passes, or none (in this process) for one worker or job."""
+    if workers <= 1 or jobs <= 1:
+        return contextlib.nullcontext()
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init) as pool:
-        for r in pool.map(fn, items):
-            yield r
-            progress.advance(task)
+    return ProcessPoolExecutor(min(workers, jobs), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init)
+
+
+def _map(fn, items: list, pool, progress, task):
+    """fn over items in order, in the pool's processes (in this one when pool is None)."""
+    for r in (map(fn, items) if pool is None else pool.map(fn, items)):
+        yield r
+        progress.advance(task)
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -273,9 +275,9 @@ def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), 
     tfds = ({"name": tfds_name, "data_dir": tfds_data_dir, "text_key": text_key, "train_split": train_split,
              "eval_split": eval_split} if source == "tfds" else None)
     jobs = _jobs(source, paths, shard_mb, docs_per_shard, tfds)
-    with Progress(disable=not progress, transient=True) as bar:
+    with Progress(disable=not progress, transient=True) as bar, _pool(workers, len(jobs)) as pool:
         task = bar.add_task(f"reading {source}", total=len(jobs))
-        scans = list(_map(_scan, [(j, text_key, val_fraction, tfds) for j in jobs], workers, bar, task))
+        scans = list(_map(_scan, [(j, text_key, val_fraction, tfds) for j in jobs], pool, bar, task))
         report_problems([p for s in scans for p in s["problems"]])
         n_docs = sum(s["documents"] for s in scans)
         if n_docs == 0:
@@ -317,7 +319,7 @@ def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), 
             for stale in list(out.glob("*.tmp")) + list((out / DONE_DIR).glob("*.tmp")):  # cut short by a kill
                 stale.unlink()
             task = bar.add_task(f"tokenizing into {out}", total=len(jobs))
-            results = list(_map(_write_job, [(i, j, plan, str(out), tfds) for i, j in enumerate(jobs)], workers,
+            results = list(_map(_write_job, [(i, j, plan, str(out), tfds) for i, j in enumerate(jobs)], pool,
                                 bar, task))
             _write_metadata(out, plan, results)
     return json.loads((out / META_FILE).read_text())
