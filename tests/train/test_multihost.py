@@ -33,6 +33,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_processes(run_dir: Path, args: list[str]) -> list[subprocess.Popen]:
+    """`python -m train` as processes 0 and 1 of a two-process CPU run (2 devices each, gloo)."""
+    port = free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "train", "--run-dir", str(run_dir), "runtime.distributed=true", *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["stdlib", "shards"])
 def test_two_processes_train_like_one(tmp_path, source):
@@ -45,15 +59,7 @@ def test_two_processes_train_like_one(tmp_path, source):
         prepare(tmp_path / "b", record_tokens=1000)
         args += ["data.source=shards", f"data.paths={tmp_path / 'a'},{tmp_path / 'b'}", "data.mixture=0.7,0.3",
                  "data.workers=1"]
-    port = free_port()
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                   JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "train", "--run-dir", str(tmp_path / "multi"), "runtime.distributed=true", *args],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = two_processes(tmp_path / "multi", args)
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
@@ -74,17 +80,9 @@ def test_a_signal_to_one_process_stops_both_with_a_checkpoint(tmp_path):
     """SIGTERM reaches only process 1 (as a node-local preemption would): both processes agree at
     the next log step, save one collective checkpoint and exit 75."""
     import signal
-    port = free_port()
     args = [a for a in ARGS if not a.startswith(("train.steps", "train.checkpoint_every"))]
     args += ["train.steps=400", "train.checkpoint_every=1000"]
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                   JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "train", "--run-dir", str(tmp_path / "run"), "runtime.distributed=true", *args],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs = two_processes(tmp_path / "run", args)
     for line in procs[0].stdout:
         if "[train 5/" in line:
             procs[1].send_signal(signal.SIGTERM)
