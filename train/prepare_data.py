@@ -58,6 +58,7 @@ import numpy as np
 
 from train.config import ConfigError, DataConfig
 from train.data.shards import FORMAT, META_FILE, content_plan
+from train.logger import write_atomic
 from train.run_lock import RunLock
 
 log = logging.getLogger("chimera.data")
@@ -127,7 +128,7 @@ def _jobs(source: str, paths: Sequence[str], shard_mb: float, docs_per_shard: in
         n = len(stdlib_texts())
         return [{"stdlib": (i, min(i + docs_per_shard, n))} for i in range(0, n, docs_per_shard)]
     out = []
-    for split, name in (("train", tfds["train_split"]), ("validation", tfds["eval_split"])):
+    for split in SPLITS:
         n = len(_tfds_source(tfds, split).records)
         out += [{"tfds": (split, i, min(i + docs_per_shard, n))} for i in range(0, n, docs_per_shard)]
     return out
@@ -219,9 +220,7 @@ def _write_job(args: tuple) -> dict:
         _write_shard(out / name, records, index)
         result[s] = {"file": name, "index": index_name(name), "documents": len(kept), "records": len(records),
                      "tokens": int(index[:, 0].sum()), "bytes": int(sum(b for _, b in kept))}
-    tmp = done.with_name(done.name + ".tmp")
-    tmp.write_text(json.dumps(result) + "\n")
-    tmp.rename(done)
+    write_atomic(done, json.dumps(result) + "\n")
     return result
 
 
@@ -313,9 +312,7 @@ def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), 
         with RunLock(out, doing="being prepared", instead="use another --out"):  # one writer at a time
             (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
             if not (out / PLAN_FILE).is_file():
-                tmp = out / (PLAN_FILE + ".tmp")
-                tmp.write_text(json.dumps(plan, indent=2) + "\n")
-                tmp.rename(out / PLAN_FILE)
+                write_atomic(out / PLAN_FILE, json.dumps(plan, indent=2) + "\n")
             for stale in list(out.glob("*.tmp")) + list((out / DONE_DIR).glob("*.tmp")):  # cut short by a kill
                 stale.unlink()
             task = bar.add_task(f"tokenizing into {out}", total=len(jobs))
@@ -333,9 +330,7 @@ def _write_metadata(out: Path, plan: dict, results: list[dict]) -> None:
             stats[s]["shards"].append({k: shard[k] for k in ("file", "index", "documents", "records", "tokens")})
             for k in ("documents", "tokens", "bytes"):
                 stats[s][k] += shard[k]
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps({"plan": plan, "splits": stats}, indent=2) + "\n")
-    tmp.rename(out / META_FILE)
+    write_atomic(out / META_FILE, json.dumps({"plan": plan, "splits": stats}, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -132,12 +132,14 @@ def _table_texts(key: str, path: Path, text_key: str, part: "Part | None" = None
     memory-mapped)."""
     import pyarrow as pa
     try:
-        if part is not None:
+        if path.suffix == ".parquet":
             import pyarrow.parquet as pq
-            table = pq.ParquetFile(path).read_row_groups(range(part.start, part.stop), columns=[text_key])
-        elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-            table = pq.read_table(path, columns=[text_key])
+            file = pq.ParquetFile(path)
+            if text_key not in file.schema_arrow.names:  # checked first: only that column is read
+                raise ConfigError(f"data.text_key={text_key!r} is not a column of {path}; it has "
+                                  f"{file.schema_arrow.names}")
+            table = (file.read(columns=[text_key]) if part is None else
+                     file.read_row_groups(range(part.start, part.stop), columns=[text_key]))
         else:
             with pa.memory_map(str(path)) as source:
                 try:
@@ -145,11 +147,7 @@ def _table_texts(key: str, path: Path, text_key: str, part: "Part | None" = None
                 except pa.ArrowInvalid:
                     source.seek(0)
                     table = pa.ipc.open_file(source).read_all()
-                if text_key in table.column_names:
-                    table = table.select([text_key])
-    except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
-        if "No match for FieldRef" in str(e) or "not in schema" in str(e):
-            raise ConfigError(f"data.text_key={text_key!r} is not a column of {path}") from None
+    except (pa.ArrowException, OSError) as e:
         raise ConfigError(f"data.paths: {path} is not a readable {path.suffix[1:]} table ({str(e)[:200]})") from None
     if text_key not in table.column_names:
         raise ConfigError(f"data.text_key={text_key!r} is not a column of {path}; it has {table.column_names}")

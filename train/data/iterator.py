@@ -60,7 +60,7 @@ class DataIterator:
     iterator the state came from.
     """
 
-    source_names: tuple[str, ...] = ()  # names of the sources of a mixture; rows then carry "source"
+    source_names: tuple[str, ...] = ()  # the sources of a mixture, in the order of their ids (RowIterator)
 
     def __init__(self, dataset: grain.IterDataset, identity: dict[str, Any]):
         self._it: Iterator = iter(dataset)
