@@ -110,8 +110,8 @@ class ShardSet:
         self.starts = index[:, 1].astype(bool)
         self.offsets = np.concatenate([[0], np.cumsum(index[:, 0], dtype=np.int64)])
         del index
-        # file_of[k]: the first record of shard file k (to name the file of a bad record)
-        self.file_of = np.concatenate([[0], np.cumsum([s["records"] for s in shards], dtype=np.int64)])
+        # first_record[k]: the first record of shard file k (to name the file of a bad record)
+        self.first_record = np.concatenate([[0], np.cumsum([s["records"] for s in shards], dtype=np.int64)])
         self._source = None  # the ArrayRecordDataSource, opened on first read in each process
 
     def _check_shard(self, directory: Path, shard: dict) -> np.ndarray:
@@ -149,17 +149,20 @@ class ShardSet:
         if self._source is None:
             import grain
             self._source = grain.sources.ArrayRecordDataSource(self.files)
-        file = self.files[int(np.searchsorted(self.file_of, i, side="right")) - 1]
         try:
             raw = self._source[int(i)]
         except Exception as e:  # noqa: BLE001 - riegeli's checksum and I/O errors
-            raise ShardError(f"shard file {file}: record {i} is unreadable ({type(e).__name__}: "
+            raise ShardError(f"shard file {self._file_of(i)}: record {i} is unreadable ({type(e).__name__}: "
                              f"{str(e)[:200]})") from None
         n = int(self.offsets[i + 1] - self.offsets[i])
         if len(raw) != n * self.dtype.itemsize:
-            raise ShardError(f"shard file {file}: record {i} has {len(raw)} bytes; its index says "
+            raise ShardError(f"shard file {self._file_of(i)}: record {i} has {len(raw)} bytes; its index says "
                              f"{n} tokens of {self.dtype.itemsize} bytes")
         return np.frombuffer(raw, self.dtype).astype(np.int32)
+
+    def _file_of(self, i: int) -> str:
+        """The shard file holding record i (for error messages)."""
+        return self.files[int(np.searchsorted(self.first_record, i, side="right")) - 1]
 
     def documents(self) -> "ShardDocuments":
         """The set's documents, whole, at random access (for eval suites, tests, inspection)."""
