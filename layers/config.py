@@ -124,8 +124,10 @@ class RuntimeConfig:
     remat: what the backward pass recomputes per layer: "none" (save everything), "full"
       (save only layer inputs), "dots" (save matmul outputs), "dots_no_batch" (save matmuls
       without batch dims, i.e. weight matmuls, recompute attention).
-    attention_impl: None tries the best implementation for the platform; "xla" or "reference"
-      forces one (and fails loudly if it cannot serve a call). "block_sparse": the softmax
+    attention_impl: the implementation of `pallas_kernels.attention` for the softmax-attention
+      mixers (attn / swa, diff_attention, mla). None tries the best one for the platform: the
+      Pallas kernels ("gpu": Triton, "tpu": Mosaic) first, then "xla"; "xla", "reference",
+      "gpu" or "tpu" forces one (and fails loudly if it cannot serve a call). "block_sparse": the softmax
       attention mixers (attn / swa) compute through the block-sparse op
       (`pallas_kernels.block_sparse_attention`) with a causal / sliding-window layout, in the
       implementation `sparse_attention_impl` names.
@@ -147,7 +149,7 @@ class RuntimeConfig:
     """
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attention_impl: Literal["xla", "reference", "block_sparse"] | None = None
+    attention_impl: Literal["xla", "reference", "gpu", "tpu", "block_sparse"] | None = None
     attention_block_q: int = 128
     attention_block_k: int = 128
     linear_attention_impl: Literal["xla", "reference", "gpu", "tpu"] | None = None

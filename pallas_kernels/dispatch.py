@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = [
     "Choice", "register", "set_order", "order", "implementations", "get", "call", "signature",
-    "last", "describe",
+    "last", "describe", "target_platform",
 ]
 
 logger = logging.getLogger("chimera.kernels")
@@ -78,9 +78,22 @@ def set_order(op: str, names: Sequence[str], *, platform: str | None = None) -> 
         _orders.setdefault(op, {})[platform or _DEFAULT] = tuple(names)
 
 
+def target_platform() -> str:
+    """Platform being compiled for: an abstract mesh's device when one is set (cross-lowering
+    for a GPU from a CPU host, pallas_kernels/lowering.py), else JAX's default backend."""
+    try:
+        device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    except Exception:  # noqa: BLE001 - older/newer jax without abstract meshes
+        device = None
+    if device is not None and getattr(device, "platform", None):
+        return str(device.platform)
+    return jax.default_backend()
+
+
 def order(op: str, platform: str | None = None) -> tuple[str, ...]:
-    """The order `implementation=None` tries on `platform` (default: JAX's default backend)."""
-    platform = _normalise_platform(platform or jax.default_backend())
+    """The order `implementation=None` tries on `platform` (default: `target_platform()`, so
+    that a program lowered for a GPU from a CPU host gets the GPU's order)."""
+    platform = _normalise_platform(platform or target_platform())
     orders = _orders.get(op, {})
     if platform in orders:
         return orders[platform]

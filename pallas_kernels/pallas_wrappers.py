@@ -89,16 +89,7 @@ def sum_kv_groups(x, kv_heads: int, axis: int):
 
 # ----------------------------------------------------------------------------- gpu.py (Triton)
 
-def target_platform() -> str:
-    """Platform being compiled for: an abstract mesh's device when one is set (cross-lowering
-    for a GPU from a CPU host, pallas_kernels/lowering.py), else JAX's default backend."""
-    try:
-        device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    except Exception:  # noqa: BLE001 - older/newer jax without abstract meshes
-        device = None
-    if device is not None and getattr(device, "platform", None):
-        return str(device.platform)
-    return jax.default_backend()
+target_platform = dispatch.target_platform
 
 
 def check_triton_supported(q, v, interpret: bool, head_dims: tuple[int, ...]) -> None:

@@ -55,7 +55,7 @@ from layers.registry import LayerContext, register_mixer
 from layers.rope import apply_rope
 from layers.sharding import constrain, param
 from layers.attention.mixer import HEADS, mean_visible
-from pallas_kernels.attention.api import attention
+from pallas_kernels.attention.api import attention, describe_implementation
 
 PAIRS = ("batch", "seq", "act_heads", None, None)  # [B, T, heads, 2, D]: a head's two maps
 LAMBDA_STD = 0.1  # std of the lambda re-parameterisation vectors (the paper's init)
@@ -155,7 +155,8 @@ class DiffAttention(nnx.Module):
 
     def describe(self) -> str:
         c, rt = self.cfg, self.runtime
-        impl = "auto" if rt.attention_impl in (None, "block_sparse") else rt.attention_impl
+        impl = describe_implementation(
+            None if rt.attention_impl == "block_sparse" else rt.attention_impl)
         return (f"differential attention H={self.heads} KV={self.kv_heads} D={self.head_dim} "
                 f"(values {2 * self.head_dim}), "
                 + ("full causal" if c.window is None else f"window={c.window}")

@@ -55,7 +55,9 @@ Options, initialisation, and where they depart from their papers:
   and RoPE. Not weight-decayed (train/optim.py decays only `kernel`s and embeddings): decay
   would pull them toward 0, not toward the identity. The paper's MLP variant is not provided.
 
-Runtime. With `runtime.attention_impl="block_sparse"` training and prefill go through
+Runtime. `runtime.attention_impl` picks the attention op's implementation (None: its Pallas
+kernels on GPU / TPU, xla elsewhere or where they refuse; the start-up line names it). With
+`runtime.attention_impl="block_sparse"` training and prefill go through
 `pallas_kernels.block_sparse_attention` instead, with a causal or sliding-window block layout
 (one per window group) built once per sequence length on the host (implementation:
 `runtime.sparse_attention_impl`). The layout is by token index, so this assumes what the
@@ -82,7 +84,7 @@ from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
 from layers.rope import apply_rope
 from layers.sharding import constrain, param
-from pallas_kernels.attention.api import attention
+from pallas_kernels.attention.api import attention, describe_implementation
 from pallas_kernels.block_sparse_attention import masks
 from pallas_kernels.block_sparse_attention.api import block_sparse_attention
 from layers.attention.config import AttentionConfig
@@ -352,5 +354,5 @@ class Attention(nnx.Module):
             parts.append(f"impl=block_sparse/{rt.sparse_attention_impl or 'auto'} "
                          f"(training/prefill: block_sparse_attention {kernel}; decode: attention op)")
         else:
-            parts.append(f"impl={rt.attention_impl or 'auto'}")
+            parts.append(f"impl={describe_implementation(rt.attention_impl)}")
         return ", ".join(parts)

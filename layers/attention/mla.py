@@ -71,7 +71,7 @@ from layers.registry import LayerContext, register_mixer
 from layers.rope import apply_rope
 from layers.sharding import constrain
 from layers.attention.mixer import HEADS, mean_visible
-from pallas_kernels.attention.api import attention
+from pallas_kernels.attention.api import attention, describe_implementation
 
 LATENT = ("batch", "seq", None)  # [B, T, r] latents (not split by heads)
 
@@ -220,7 +220,8 @@ class MLA(nnx.Module):
         c, rt = self.cfg, self.runtime
         mla, mha = self.cache_bytes()
         q = "q from x" if c.q_lora_rank is None else f"q_rank={c.q_lora_rank}"
-        impl = "auto" if rt.attention_impl in (None, "block_sparse") else rt.attention_impl
+        impl = describe_implementation(
+            None if rt.attention_impl == "block_sparse" else rt.attention_impl)
         over = 2 * self.rank + self.rope - (self.nope + self.rope + self.v_dim)
         absorbed = ("cached calls absorbed" if over <= 0 else
                     f"cached calls of < {-(-self.rank * (self.nope + self.v_dim) // over)} tokens absorbed")

@@ -17,17 +17,26 @@ visible to i (mask below):
 The sink term is absent without `sinks`. Training, prefill and decode compute this one function;
 only the schedule of the work differs.
 
-Implementations ("xla": blocked, memory-efficient; "reference": dense) are chosen by
-`pallas_kernels.dispatch`; `dispatch.describe("attention")` says which one served the latest call.
+Implementations, chosen by `pallas_kernels.dispatch` (`dispatch.describe("attention")` says
+which one served the latest call):
+  "reference"  dense masked attention (reference.py), the definition;
+  "xla"        blocked online softmax, memory-efficient (xla.py);
+  "gpu"        Pallas Triton kernels, "tpu" Pallas Mosaic kernels (pallas.py: the block-sparse
+               op's flash kernels over a causal / window / full layout, the mask applied by
+               position inside the kernel).
+Order tried with implementation=None: gpu / tpu on their platform, then xla, then reference.
+`attention_with_lse` (diagnostics, forward only) has xla and reference.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
+from pallas_kernels import pallas_wrappers as pw
 from pallas_kernels.attention import reference, xla
 from pallas_kernels.scores import check_score_options
 
@@ -39,11 +48,36 @@ OP_LSE = "attention_with_lse"
 
 dispatch.register(OP, "xla", xla.attention)
 dispatch.register(OP, "reference", reference.attention)
-# Pallas kernels will go first on GPU/TPU once they exist.
+try:
+    from pallas_kernels.attention import pallas
+except ImportError as e:  # an installation without Pallas still has xla and reference
+    logging.getLogger("chimera.kernels").info("%s: Pallas kernels unavailable: %s", OP, e)
+else:
+    dispatch.register(OP, "gpu", pallas.attention_gpu)
+    dispatch.register(OP, "tpu", pallas.attention_tpu)
 dispatch.set_order(OP, ("xla", "reference"))
+dispatch.set_order(OP, ("gpu", "xla", "reference"), platform="gpu")
+dispatch.set_order(OP, ("tpu", "xla", "reference"), platform="tpu")
 dispatch.register(OP_LSE, "xla", xla.attention_with_lse)
 dispatch.register(OP_LSE, "reference", reference.attention_with_lse)
 dispatch.set_order(OP_LSE, ("xla", "reference"))
+
+
+KERNELS = {"gpu": "Pallas Triton", "tpu": "Pallas Mosaic", "xla": "xla blocked, no Pallas kernel",
+           "reference": "dense reference, no Pallas kernel"}
+
+
+def describe_implementation(implementation: str | None) -> str:
+    """One line for a layer's start-up log: what `attention(..., implementation=...)` runs on
+    the platform being compiled for, e.g. "auto: gpu (Pallas Triton; xla where it refuses)"
+    or "xla (xla blocked, no Pallas kernel)". The exact choice per call is logged by
+    `dispatch` on "chimera.kernels" at the first trace."""
+    if implementation is not None:
+        return f"{implementation} ({KERNELS.get(implementation, implementation)})"
+    names = [n for n in dispatch.order(OP) if n in dispatch.implementations(OP)]
+    first, rest = names[0], names[1:]
+    fallback = f"; {rest[0]} where it refuses" if first in pw.PALLAS and rest else ""
+    return f"auto: {first} ({KERNELS.get(first, first)}{fallback})"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -53,7 +87,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
               sinks: jax.Array | None = None, score: str = "softmax",
               sigmoid_bias: float = 0.0, scale: float | None = None,
               implementation: str | None = None,
-              block_q: int = 128, block_k: int = 128) -> jax.Array:
+              block_q: int = 128, block_k: int = 128, interpret: bool = False) -> jax.Array:
     """Causal softmax (or sigmoid) attention over packed documents, for training, prefill and
     decode.
 
@@ -76,10 +110,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       sigmoid_bias: static Python float added to the logits before the sigmoid (typically
         -log(context length)); must be 0 with score="softmax".
       scale: logit scale, default 1 / sqrt(D).
-      implementation: None (best available for the platform, with fallback), "xla" or
-        "reference" (no fallback: a refusal raises NotImplementedError).
+      implementation: None (best available for the platform, with fallback), "xla",
+        "reference", "gpu" or "tpu" (no fallback: a refusal raises NotImplementedError).
       block_q, block_k: query / key block sizes of blocked implementations (shrunk to the
         sequence when it is shorter).
+      interpret: run a Pallas implementation ("gpu" / "tpu", named explicitly) in interpret
+        mode, e.g. on CPU for tests.
 
     Key j is visible to query i iff seg_q[i] == seg_k[j] != 0, pos_k[j] <= pos_q[i] and
     pos_q[i] - pos_k[j] < window. In self-attention, positions must strictly increase along
@@ -89,9 +125,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     Returns:
       [B, Tq, H, Dv] in q.dtype.
     """
+    if interpret and implementation not in pw.PALLAS:
+        raise ValueError(f"interpret=True needs implementation in {list(pw.PALLAS)}, got "
+                         f"{implementation!r}")
     return _call(OP, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
                  logit_softcap, sinks, score, sigmoid_bias, scale, implementation, block_q,
-                 block_k)
+                 block_k, interpret)
 
 
 def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -121,7 +160,8 @@ def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 
 def _call(op, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
-          logit_softcap, sinks, score, sigmoid_bias, scale, implementation, block_q, block_k):
+          logit_softcap, sinks, score, sigmoid_bias, scale, implementation, block_q, block_k,
+          interpret=False):
     """Check the arguments, normalise them and dispatch `op` (OP or OP_LSE)."""
     _check(q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
            logit_softcap, sinks, score, sigmoid_bias, scale, block_q, block_k)
@@ -143,7 +183,7 @@ def _call(op, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, win
         implementation=implementation, signature=signature, window=window,
         logit_softcap=logit_softcap, scale=scale, sinks=sinks, score=score,
         sigmoid_bias=sigmoid_bias, index_causal=self_attention,
-        block_q=int(block_q), block_k=int(block_k))
+        block_q=int(block_q), block_k=int(block_k), **({"interpret": True} if interpret else {}))
 
 
 def _check(q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,

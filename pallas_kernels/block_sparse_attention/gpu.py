@@ -106,12 +106,17 @@ def _tiles(bq: int, bk: int, dim: int, itemsize: int) -> dict:
 
 def block_sparse_attention(q, k, v, layout, q_seg, kv_seg, sinks, *, score: str,
                            sigmoid_bias: float, logit_softcap: float | None, scale: float,
+                           positions=None, window: int | None = None,
                            interpret: bool = False):
     """q [B,Tq,H,D], k [B,Tk,K,D], v [B,Tk,K,Dv], layout: BlockLayout, q_seg int [B,Tq],
     kv_seg int [B,Tk], sinks None | fp32 [H] -> (o [B,Tq,H,Dv] in q.dtype, lse [B,H,Tq] fp32;
     zeros for score="sigmoid"). Arguments are validated by the api. `interpret=True` runs the
     kernels in Pallas interpret mode (any backend, e.g. CPU tests). Raises NotImplementedError
-    for what it cannot serve (see the module docstring)."""
+    for what it cannot serve (see the module docstring).
+
+    positions: None, or (q_pos int [B,Tq], kv_pos int [B,Tk]): the attention op's mask on top
+    of the layout's (pallas_kernels/attention/pallas.py), key j visible to query i only if
+    0 <= q_pos[i] - kv_pos[j] < window (window None: no upper bound)."""
     pw.check_triton_supported(q, v, interpret, HEAD_DIMS)
     bq, bk = layout.block_q, layout.block_k
     if layout.heads not in (1, q.shape[2]):
@@ -132,47 +137,56 @@ def block_sparse_attention(q, k, v, layout, q_seg, kv_seg, sinks, *, score: str,
         softcap=None if logit_softcap is None else float(logit_softcap), sigmoid=sigmoid,
         sigmoid_bias=float(sigmoid_bias), has_sinks=sinks is not None and not sigmoid,
         dot_dtype=jnp.dtype(cdt), precision=pw.triton_precision(cdt, interpret),
+        positions=positions is not None, window=None if window is None else int(window),
         **_tiles(bq, bk, max(d, dv), jnp.dtype(cdt).itemsize))
     pad = lambda x, t, n: jnp.pad(x, [(0, 0), (0, n - t)] + [(0, 0)] * (x.ndim - 2))
     qp = pad(q.astype(cdt), tq, nq * bq)
     kp, vp = pad(k.astype(cdt), tk, nk * bk), pad(v.astype(cdt), tk, nk * bk)
     q_seg = pad(q_seg.astype(jnp.int32), tq, nq * bq)   # padding: segment 0
     kv_seg = pad(kv_seg.astype(jnp.int32), tk, nk * bk)
+    q_pos = kv_pos = None
+    if positions is not None:   # padding tokens have segment 0: their position is unread
+        q_pos = pad(positions[0].astype(jnp.int32), tq, nq * bq)
+        kv_pos = pad(positions[1].astype(jnp.int32), tk, nk * bk)
     lists = tuple(jnp.asarray(x, jnp.int32) for x in (
         layout.kv_blocks, layout.kv_counts, layout.kv_mask_ids,
         layout.q_blocks, layout.q_counts, layout.q_mask_ids))
     patterns = jnp.asarray(layout.partial_masks).astype(jnp.int8)
     sinks = sinks.astype(F32) if cfg.has_sinks else None
-    o, lse = _core(cfg, bool(interpret), qp, kp, vp, sinks, q_seg, kv_seg, patterns, *lists)
+    o, lse = _core(cfg, bool(interpret), qp, kp, vp, sinks, q_seg, kv_seg, q_pos, kv_pos,
+                   patterns, *lists)
     return o[:, :tq].astype(q.dtype), lse[:, :, :tq]
 
 
 # ----------------------------------------------------------------------------- custom_vjp
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _core(cfg, interpret, q, k, v, sinks, q_seg, kv_seg, patterns, *lists):
-    """Padded inputs -> (o [B,Tqp,H,Dv] in q.dtype, lse [B,H,Tqp] fp32, zeros for sigmoid)."""
-    return _forward(cfg, interpret, q, k, v, sinks, q_seg, kv_seg, patterns, lists)
+def _core(cfg, interpret, q, k, v, sinks, q_seg, kv_seg, q_pos, kv_pos, patterns, *lists):
+    """Padded inputs (q_pos, kv_pos None unless cfg.positions) -> (o [B,Tqp,H,Dv] in q.dtype,
+    lse [B,H,Tqp] fp32, zeros for sigmoid)."""
+    ids = (q_seg, kv_seg, q_pos, kv_pos)
+    return _forward(cfg, interpret, q, k, v, sinks, ids, patterns, lists)
 
 
-def _core_fwd(cfg, interpret, q, k, v, sinks, q_seg, kv_seg, patterns, *lists):
-    o, lse = _forward(cfg, interpret, q, k, v, sinks, q_seg, kv_seg, patterns, lists)
-    return (o, lse), (q, k, v, sinks, q_seg, kv_seg, patterns, lists, o, lse)
+def _core_fwd(cfg, interpret, q, k, v, sinks, q_seg, kv_seg, q_pos, kv_pos, patterns, *lists):
+    ids = (q_seg, kv_seg, q_pos, kv_pos)
+    o, lse = _forward(cfg, interpret, q, k, v, sinks, ids, patterns, lists)
+    return (o, lse), (q, k, v, sinks, ids, patterns, lists, o, lse)
 
 
 def _core_bwd(cfg, interpret, res, cotangents):
-    q, k, v, sinks, q_seg, kv_seg, patterns, lists, o, lse = res
+    q, k, v, sinks, ids, patterns, lists, o, lse = res
     do, dlse = cotangents
     do = do.astype(q.dtype)
     delta = dsinks = None
     if not cfg.sigmoid:
         delta = jnp.einsum("bthd,bthd->bht", do.astype(F32), o.astype(F32)) - dlse
-    dq = _dq(cfg, interpret, q, k, v, do, lse, delta, q_seg, kv_seg, patterns, lists)
-    dk, dv = _dkv(cfg, interpret, q, k, v, do, lse, delta, q_seg, kv_seg, patterns, lists)
+    dq = _dq(cfg, interpret, q, k, v, do, lse, delta, ids, patterns, lists)
+    dk, dv = _dkv(cfg, interpret, q, k, v, do, lse, delta, ids, patterns, lists)
     if sinks is not None:
         # lse >= sink wherever a sink is present, so the exponent is <= 0.
         dsinks = -jnp.sum(jnp.exp(sinks[None, :, None] - lse) * delta, axis=(0, 2))
-    return (dq, dk, dv, dsinks, None, None, None) + (None,) * len(lists)
+    return (dq, dk, dv, dsinks) + (None,) * (5 + len(lists))
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -315,22 +329,24 @@ class _Specs:
         return pl.BlockSpec((None, None, None), index)
 
 
-def _query_major_inputs(cfg, sp, k, v, q_seg, kv_seg, patterns, lists):
+def _query_major_inputs(cfg, sp, k, v, ids, patterns, lists):
+    q_seg, kv_seg, q_pos, kv_pos = ids
     kv_blocks, kv_counts, kv_mask_ids = lists[:3]
     tkp, d, dv, s = k.shape[1], k.shape[-1], v.shape[-1], kv_blocks.shape[-1]
     return [("k", k, sp.kv_row(tkp, d)), ("v", v, sp.kv_row(tkp, dv)),
             ("q_seg", q_seg, sp.q_seg(cfg.tile_q)), ("kv_seg", kv_seg, sp.kv_seg_row(tkp)),
+            ("q_pos", q_pos, sp.q_seg(cfg.tile_q)), ("kv_pos", kv_pos, sp.kv_seg_row(tkp)),
             ("kv_blocks", kv_blocks, sp.q_list(s)), ("kv_count", kv_counts, sp.q_count()),
             ("kv_mask_ids", kv_mask_ids, sp.q_list(s)),
             ("patterns", patterns, sp.whole(patterns.shape))]
 
 
-def _forward(cfg, interpret, q, k, v, sinks, q_seg, kv_seg, patterns, lists):
+def _forward(cfg, interpret, q, k, v, sinks, ids, patterns, lists):
     b, tqp, h, d = q.shape
     dv, tq = v.shape[-1], cfg.tile_q
     sp = _Specs(cfg)
     inputs = [("q", q, sp.q_tile(tq, d)),
-              *_query_major_inputs(cfg, sp, k, v, q_seg, kv_seg, patterns, lists),
+              *_query_major_inputs(cfg, sp, k, v, ids, patterns, lists),
               ("sinks", sinks, sp.whole((h,)))]
     outputs = [("o", jax.ShapeDtypeStruct((b, tqp, h, dv), q.dtype), sp.q_tile(tq, dv))]
     if not cfg.sigmoid:
@@ -341,20 +357,21 @@ def _forward(cfg, interpret, q, k, v, sinks, q_seg, kv_seg, patterns, lists):
     return res[0], lse
 
 
-def _dq(cfg, interpret, q, k, v, do, lse, delta, q_seg, kv_seg, patterns, lists):
+def _dq(cfg, interpret, q, k, v, do, lse, delta, ids, patterns, lists):
     b, tqp, h, d = q.shape
     dv, tq = v.shape[-1], cfg.tile_q
     sp = _Specs(cfg)
     stats = [] if cfg.sigmoid else [("lse", lse, sp.q_stat(tq)), ("delta", delta, sp.q_stat(tq))]
     inputs = [("q", q, sp.q_tile(tq, d)), ("do", do, sp.q_tile(tq, dv)), *stats,
-              *_query_major_inputs(cfg, sp, k, v, q_seg, kv_seg, patterns, lists)]
+              *_query_major_inputs(cfg, sp, k, v, ids, patterns, lists)]
     outputs = [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), sp.q_tile(tq, d))]
     (dq,) = _call(kern.dq_kernel, cfg, interpret, (tqp // tq, b * h), inputs, outputs,
                   "block_sparse_attention_dq", _params(cfg, tq, cfg.chunk_k, max(d, dv)))
     return dq
 
 
-def _dkv(cfg, interpret, q, k, v, do, lse, delta, q_seg, kv_seg, patterns, lists):
+def _dkv(cfg, interpret, q, k, v, do, lse, delta, ids, patterns, lists):
+    q_seg, kv_seg, q_pos, kv_pos = ids
     b, tqp, h, d = q.shape
     tkp, kvh, dv = k.shape[1], k.shape[2], v.shape[-1]
     g, tk = h // kvh, cfg.tile_k
@@ -371,6 +388,7 @@ def _dkv(cfg, interpret, q, k, v, do, lse, delta, q_seg, kv_seg, patterns, lists
     inputs = [("q", group(q), sp.group_row(tqp, d)), ("do", group(do), sp.group_row(tqp, dv)),
               *stats, ("k", k, sp.k_tile(tk, d)), ("v", v, sp.k_tile(tk, dv)),
               ("q_seg", q_seg, sp.q_seg_row(tqp)), ("kv_seg", kv_seg, sp.k_seg(tk)),
+              ("q_pos", q_pos, sp.q_seg_row(tqp)), ("kv_pos", kv_pos, sp.k_seg(tk)),
               ("q_blocks", q_blocks, sp.k_list(sq)), ("q_counts", q_counts, sp.k_count()),
               ("q_mask_ids", q_mask_ids, sp.k_list(sq)),
               ("patterns", patterns, sp.whole(patterns.shape))]

@@ -21,7 +21,8 @@ registers independently of the layout (gpu.py chooses them).
 Ref shapes seen by the kernels (D / Dv head dims, S / Sq list widths, P patterns, Tqp / Tkp
 padded lengths, G = H / K query heads per kv head):
   forward / dq: q, do, o, dq [TQ, D|Dv]; k, v [Tkp, D|Dv] (whole row of the kv head);
-                q_seg [TQ]; kv_seg [Tkp]; kv_blocks, kv_mask_ids [S]; kv_count []; lse,
+                q_seg, q_pos [TQ]; kv_seg, kv_pos [Tkp]; kv_blocks, kv_mask_ids [S];
+                kv_count []; lse,
                 delta [TQ]; sinks [H].
   dkv:          q, do [Tqp, G, D|Dv] (whole row of the group's heads); k, v, dk, dv
                 [TK, D|Dv]; q_seg [Tqp]; kv_seg [TK]; lse, delta [G, Tqp]; q_blocks,
@@ -60,6 +61,9 @@ class Config:
     matmul operands (the input dtype) and precision. Tiles (powers of two dividing the block):
     tile_q / chunk_k: query rows per forward / dq program and keys per step of its walk;
     tile_k / chunk_q: keys per dkv program and query rows per step of its walk.
+    positions / window: the attention op's mask on top of the layout (pallas_kernels/
+    attention/pallas.py): key j visible to query i only if pos_q[i] - pos_k[j] is in
+    [0, window) ([0, inf) for window None); q_pos / kv_pos refs ride beside the segment ids.
     """
     block_q: int
     block_k: int
@@ -78,6 +82,8 @@ class Config:
     chunk_k: int
     tile_k: int
     chunk_q: int
+    positions: bool = False
+    window: int | None = None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -106,17 +112,24 @@ def _sigmoid(x):
     return 1.0 / (1.0 + jnp.exp(-x))
 
 
-def _visible(patterns_ref, mask_id, seg_q, seg_k, row0, col0):
+def _visible(patterns_ref, mask_id, seg_q, seg_k, row0, col0, pos=None, window=None):
     """bool [n, m] for the n = len(seg_q) query rows from row `row0` and the m = len(seg_k)
     keys from column `col0` of a block: the block's pattern (full blocks: all True, and their
-    predicated load reads no memory) AND same nonzero segment."""
+    predicated load reads no memory) AND same nonzero segment AND, with pos = (pos_q [n],
+    pos_k [m]), 0 <= pos_q - pos_k (< window)."""
     shape = (seg_q.shape[0], seg_k.shape[0])
     partial = jnp.broadcast_to(mask_id >= 0, shape)
     pattern_ref = patterns_ref.at[jnp.maximum(mask_id, 0), pl.ds(row0, shape[0]),
                                   pl.ds(col0, shape[1])]
     pattern = pltriton.load(pattern_ref, mask=partial, other=1)
     same = (seg_q[:, None] == seg_k[None, :]) & (seg_q[:, None] != 0)
-    return (pattern != 0) & same
+    ok = (pattern != 0) & same
+    if pos is not None:
+        dist = pos[0][:, None] - pos[1][None, :]
+        ok = ok & (dist >= 0)
+        if window is not None:
+            ok = ok & (dist < window)
+    return ok
 
 
 def _grad_scores(cfg: Config, s, t, ok, dp, lse2, delta):
@@ -161,19 +174,22 @@ def _tile_start(tile: int, block: int):
     return _aligned(_divmod(pl.program_id(0), block // tile)[1] * tile, tile)
 
 
-def _key_walk(cfg: Config, r, seg_q):
+def _key_walk(cfg: Config, r):
     """(trips, step): the forward / dq walk over the listed key blocks, chunk_k keys a trip.
     step(it) -> (keys slice, visibility [TQ, KC]) for trip `it` of this program."""
     bk, kc = cfg.block_k, cfg.chunk_k
     nc = bk // kc
     row0 = _tile_start(cfg.tile_q, cfg.block_q)
+    seg_q = r["q_seg"][...]
+    pos_q = r["q_pos"][...] if cfg.positions else None
 
     def step(it):
         slot, c = _divmod(it, nc)
         kb, mask_id = r["kv_blocks"][slot], r["kv_mask_ids"][slot]
         keys = _at(kb * bk + c * kc, kc)
+        pos = None if pos_q is None else (pos_q, r["kv_pos"][keys])
         ok = _visible(r["patterns"], mask_id, seg_q, r["kv_seg"][keys], row0,
-                      _aligned(c * kc, kc))
+                      _aligned(c * kc, kc), pos, cfg.window)
         return keys, ok
 
     return r["kv_count"][...] * nc, step
@@ -187,7 +203,7 @@ def forward_kernel(*refs, cfg: Config, names):
     r = _refs(refs, names)
     q = r["q"][...]
     tq, dv = q.shape[0], r["o"].shape[-1]
-    trips, step = _key_walk(cfg, r, r["q_seg"][...])
+    trips, step = _key_walk(cfg, r)
 
     def load(it):
         keys, ok = step(it)
@@ -234,7 +250,7 @@ def dq_kernel(*refs, cfg: Config, names):
     q, do = r["q"][...], r["do"][...]
     lse2 = None if cfg.sigmoid else r["lse"][...] * LOG2E
     delta = None if cfg.sigmoid else r["delta"][...]
-    trips, step = _key_walk(cfg, r, r["q_seg"][...])
+    trips, step = _key_walk(cfg, r)
 
     def body(it, dq):
         keys, ok = step(it)
@@ -261,6 +277,7 @@ def dkv_kernel(*refs, cfg: Config, names):
     group = cfg.heads // cfg.kv_heads
     k, v = r["k"][...], r["v"][...]
     seg_k = r["kv_seg"][...]
+    pos_k = r["kv_pos"][...] if cfg.positions else None
     col0 = _tile_start(cfg.tile_k, cfg.block_k)
 
     def accumulate(g, rows, ok, carry):
@@ -279,8 +296,9 @@ def dkv_kernel(*refs, cfg: Config, names):
         slot, c = _divmod(it, nc)
         mask_id = mask_of(slot)
         rows = _at(qb_of(slot) * bq + c * qc, qc)
+        pos = None if pos_k is None else (r["q_pos"][rows], pos_k)
         return rows, _visible(r["patterns"], mask_id, r["q_seg"][rows], seg_k,
-                              _aligned(c * qc, qc), col0)
+                              _aligned(c * qc, qc), col0, pos, cfg.window)
 
     zeros = (jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
     if cfg.layout_heads > 1:

@@ -138,22 +138,29 @@ def _compute_dtype(q, k, v):
 
 def block_sparse_attention(q, k, v, layout, q_seg, kv_seg, sinks, *, score: str,
                            sigmoid_bias: float, logit_softcap: float | None, scale: float,
+                           positions=None, window: int | None = None,
                            interpret: bool = False):
     """q [B,Tq,H,D], k [B,Tk,K,D], v [B,Tk,K,Dv], layout: BlockLayout, q_seg int [B,Tq],
     kv_seg int [B,Tk], sinks None | fp32 [H] -> (o [B,Tq,H,Dv] in q.dtype, lse [B,H,Tq] fp32;
     zeros for score="sigmoid"). Validated by the api. Raises NotImplementedError (see the
-    module docstring) before any work when it cannot serve the call."""
+    module docstring) before any work when it cannot serve the call.
+
+    positions: None, or (q_pos int [B,Tq], kv_pos int [B,Tk]): the attention op's mask on top
+    of the layout's (pallas_kernels/attention/pallas.py), key j visible to query i only if
+    0 <= q_pos[i] - kv_pos[j] < window (window None: no upper bound)."""
     reason = refusal(q, k, v, layout, interpret)
     if reason is not None:
         raise NotImplementedError(reason)
     return mosaic_attention(q, k, v, layout, q_seg, kv_seg, sinks, score=score,
                             sigmoid_bias=sigmoid_bias, logit_softcap=logit_softcap,
-                            scale=scale, interpret=interpret)
+                            scale=scale, positions=positions, window=window,
+                            interpret=interpret)
 
 
 def mosaic_attention(q, k, v, layout, q_seg, kv_seg, sinks, *, score: str,
                      sigmoid_bias: float = 0.0, logit_softcap: float | None = None,
-                     scale: float, interpret: bool = False):
+                     scale: float, positions=None, window: int | None = None,
+                     interpret: bool = False):
     """The kernels without the platform check: `interpret=False` stages Mosaic custom calls on
     any platform, which is how the tests lower them for TPU on a CPU-only machine
     (jax.export). Shapes are still checked (NotImplementedError). `interpret` may also be a
@@ -171,7 +178,8 @@ def mosaic_attention(q, k, v, layout, q_seg, kv_seg, sinks, *, score: str,
         layout_heads=layout.heads, scale=float(scale),
         softcap=None if logit_softcap is None else float(logit_softcap), sigmoid=sigmoid,
         sigmoid_bias=float(sigmoid_bias), has_sinks=sinks is not None and not sigmoid,
-        interpret=interpret if isinstance(interpret, pltpu.InterpretParams) else bool(interpret))
+        interpret=interpret if isinstance(interpret, pltpu.InterpretParams) else bool(interpret),
+        positions=positions is not None, window=None if window is None else int(window))
     cd = _compute_dtype(q, k, v)
 
     def head_major(x, t, tp):   # [B, T, heads, D] -> padded [B, heads, Tp, D]
@@ -183,9 +191,12 @@ def mosaic_attention(q, k, v, layout, q_seg, kv_seg, sinks, *, score: str,
     lists = (*_lists(layout.kv_blocks, layout.kv_counts, layout.kv_mask_ids),
              *_lists(layout.q_blocks, layout.q_counts, layout.q_mask_ids))
     patterns = jnp.asarray(layout.partial_masks).astype(jnp.int32)
+    # padding tokens have segment 0, so their (zero) position is never read
+    q_pos, kv_pos = (None, None) if positions is None else (
+        seg(positions[0], tq, tqp), seg(positions[1], tk, tkp))
     o, lse = _core(cfg, head_major(q, tq, tqp), head_major(k, tk, tkp),
                    head_major(v, tk, tkp), sinks.astype(F32) if cfg.has_sinks else None,
-                   seg(q_seg, tq, tqp), seg(kv_seg, tk, tkp), patterns, *lists)
+                   seg(q_seg, tq, tqp), seg(kv_seg, tk, tkp), q_pos, kv_pos, patterns, *lists)
     return jnp.swapaxes(o, 1, 2)[:, :tq].astype(q.dtype), lse[:, :, :tq]
 
 
@@ -230,33 +241,49 @@ def _prefetch(blocks, counts, ids, n_other: int, patterns: int):
 
 # ----------------------------------------------------------------------------- custom_vjp
 
+def _col(ids, lanes=LANES):
+    """int32 [B, T] -> lane-replicated [B, T, 128] (None stays None)."""
+    if ids is None:
+        return None
+    return jax.lax.broadcast_in_dim(ids, (ids.shape[0], ids.shape[1], lanes), (0, 1))
+
+
+def _row(ids):
+    """int32 [B, T] -> sublane-replicated [B, 8, T] (None stays None)."""
+    if ids is None:
+        return None
+    return jax.lax.broadcast_in_dim(ids, (ids.shape[0], 8, ids.shape[1]), (0, 2))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(cfg, q, k, v, sinks, q_seg, kv_seg, patterns, *lists):
+def _core(cfg, q, k, v, sinks, q_seg, kv_seg, q_pos, kv_pos, patterns, *lists):
     """Padded head-major q [B,H,Tqp,D], k [B,K,Tkp,D], v [B,K,Tkp,Dv] (compute dtype), sinks
-    None | fp32 [H], segment ids int32 [B,Tqp] / [B,Tkp], patterns int32 [P,bq,bk], the six
-    layout lists -> (o [B,H,Tqp,Dv], lse fp32 [B,H,Tqp], zeros for sigmoid)."""
-    return _forward(cfg, q, k, v, sinks, q_seg, kv_seg, patterns, lists)
+    None | fp32 [H], segment ids (and with cfg.positions positions, else None) int32 [B,Tqp] /
+    [B,Tkp], patterns int32 [P,bq,bk], the six layout lists -> (o [B,H,Tqp,Dv], lse fp32
+    [B,H,Tqp], zeros for sigmoid)."""
+    return _forward(cfg, q, k, v, sinks, (q_seg, kv_seg, q_pos, kv_pos), patterns, lists)
 
 
-def _forward(cfg, q, k, v, sinks, q_seg, kv_seg, patterns, lists):
+def _forward(cfg, q, k, v, sinks, ids, patterns, lists):
+    q_seg, kv_seg, q_pos, kv_pos = ids
     b, h, tqp, _ = q.shape
     prefetch, slots = _prefetch(*lists[:3], k.shape[2] // cfg.block_k, patterns.shape[0])
-    q_col = jax.lax.broadcast_in_dim(q_seg, (b, tqp, LANES), (0, 1))
-    kv_row = jax.lax.broadcast_in_dim(kv_seg, (b, 8, kv_seg.shape[1]), (0, 2))
     sinks8 = None if sinks is None else jnp.broadcast_to(sinks[None, :], (8, h))
-    o, lse = kern.forward(q, k, v, q_col, kv_row, patterns, sinks8, prefetch, slots=slots,
-                          cfg=cfg)
+    o, lse = kern.forward(q, k, v, _col(q_seg), _row(kv_seg), patterns, sinks8, prefetch,
+                          slots=slots, cfg=cfg, pos=(_col(q_pos), _row(kv_pos)))
     lse = jnp.zeros((b, h, tqp), F32) if lse is None else lse[..., 0]
     return o, lse
 
 
-def _core_fwd(cfg, q, k, v, sinks, q_seg, kv_seg, patterns, *lists):
-    o, lse = _forward(cfg, q, k, v, sinks, q_seg, kv_seg, patterns, lists)
-    return (o, lse), (q, k, v, sinks, q_seg, kv_seg, patterns, lists, o, lse)
+def _core_fwd(cfg, q, k, v, sinks, q_seg, kv_seg, q_pos, kv_pos, patterns, *lists):
+    ids = (q_seg, kv_seg, q_pos, kv_pos)
+    o, lse = _forward(cfg, q, k, v, sinks, ids, patterns, lists)
+    return (o, lse), (q, k, v, sinks, ids, patterns, lists, o, lse)
 
 
 def _core_bwd(cfg, res, cotangents):
-    q, k, v, sinks, q_seg, kv_seg, patterns, lists, o, lse = res
+    q, k, v, sinks, ids, patterns, lists, o, lse = res
+    q_seg, kv_seg, q_pos, kv_pos = ids
     do, dlse = cotangents
     do = do.astype(q.dtype)
     b, h, tqp, _ = q.shape
@@ -269,19 +296,16 @@ def _core_bwd(cfg, res, cotangents):
         delta = jnp.einsum("bhtd,bhtd->bht", do.astype(F32), o.astype(F32)) - dlse
     stat = None if cfg.sigmoid else lse
     fwd_prefetch, slots = _prefetch(*lists[:3], tkp // cfg.block_k, n_pat)
-    q_col = jax.lax.broadcast_in_dim(q_seg, (b, tqp, LANES), (0, 1))
-    kv_row = jax.lax.broadcast_in_dim(kv_seg, (b, 8, tkp), (0, 2))
-    dq = kern.dq(q, k, v, do, q_col, kv_row, patterns, rows1(stat), rows1(delta),
-                 fwd_prefetch, slots=slots, cfg=cfg)
+    dq = kern.dq(q, k, v, do, _col(q_seg), _row(kv_seg), patterns, rows1(stat), rows1(delta),
+                 fwd_prefetch, slots=slots, cfg=cfg, pos=(_col(q_pos), _row(kv_pos)))
     bwd_prefetch, q_slots = _prefetch(*lists[3:], tqp // cfg.block_q, n_pat)
-    kv_col = jax.lax.broadcast_in_dim(kv_seg, (b, tkp, LANES), (0, 1))
-    q_row = jax.lax.broadcast_in_dim(q_seg, (b, 8, tqp), (0, 2))
-    dk, dv = kern.dkv(q, k, v, do, kv_col, q_row, jnp.swapaxes(patterns, 1, 2), rows8(stat),
-                      rows8(delta), bwd_prefetch, slots=q_slots, cfg=cfg)
+    dk, dv = kern.dkv(q, k, v, do, _col(kv_seg), _row(q_seg), jnp.swapaxes(patterns, 1, 2),
+                      rows8(stat), rows8(delta), bwd_prefetch, slots=q_slots, cfg=cfg,
+                      pos=(_col(kv_pos), _row(q_pos)))
     if sinks is not None:
         # lse >= sink wherever a sink is present, so the exponent is <= 0
         dsinks = -jnp.sum(jnp.exp(sinks[None, :, None] - lse) * delta, axis=(0, 2))
-    return (dq, dk, dv, dsinks, None, None, None) + (None,) * len(lists)
+    return (dq, dk, dv, dsinks) + (None,) * (5 + len(lists))
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -57,6 +57,11 @@ class Config:
     sigmoid_bias: float
     has_sinks: bool
     interpret: bool | pltpu.InterpretParams
+    # The attention op's mask on top of the layout (pallas_kernels/attention/pallas.py): key j
+    # visible to query i only if 0 <= pos_q[i] - pos_k[j] < window (no bound for None); the
+    # positions come in the segment ids' layouts.
+    positions: bool = False
+    window: int | None = None
 
     @property
     def group(self) -> int:
@@ -100,21 +105,34 @@ def _score_grad(p, dp, t, cfg: Config, delta=None):
     return ds if t is None else ds * (1.0 - t * t)
 
 
-def _visible_qk(qseg_ref, kseg_ref, pattern_ref, bk):
-    """[bq, bk] visibility, query-major: same nonzero segment, and the pattern when given."""
-    ks = kseg_ref[0:1, :]                                   # [1, bk]
-    vis = (_widen(qseg_ref[...], bk) == ks) & (ks != 0)
-    if pattern_ref is not None:
-        vis = vis & (pattern_ref[...] != 0)
+def _in_window(dist, cfg: Config):
+    """dist = pos_q - pos_k: visible by position iff 0 <= dist (< cfg.window)."""
+    ok = dist >= 0
+    return ok if cfg.window is None else ok & (dist < cfg.window)
+
+
+def _visible_qk(r, pattern: bool, cfg: Config):
+    """[bq, bk] visibility, query-major: same nonzero segment, the pattern when `pattern`, and
+    with cfg.positions the position mask."""
+    bk = cfg.block_k
+    ks = r["kv_seg"][0:1, :]                                # [1, bk]
+    vis = (_widen(r["q_seg"][...], bk) == ks) & (ks != 0)
+    if pattern:
+        vis = vis & (r["pattern"][...] != 0)
+    if cfg.positions:
+        vis = vis & _in_window(_widen(r["q_pos"][...], bk) - r["kv_pos"][0:1, :], cfg)
     return vis
 
 
-def _visible_kq(kseg_ref, qseg_ref, pattern_ref, bq):
+def _visible_kq(r, pattern: bool, cfg: Config):
     """[bk, bq] visibility, key-major (the transpose of `_visible_qk`)."""
-    qs = qseg_ref[0:1, :]                                   # [1, bq]
-    vis = (_widen(kseg_ref[...], bq) == qs) & (qs != 0)
-    if pattern_ref is not None:
-        vis = vis & (pattern_ref[...] != 0)
+    bq = cfg.block_q
+    qs = r["q_seg"][0:1, :]                                 # [1, bq]
+    vis = (_widen(r["kv_seg"][...], bq) == qs) & (qs != 0)
+    if pattern:
+        vis = vis & (r["pattern"][...] != 0)
+    if cfg.positions:
+        vis = vis & _in_window(r["q_pos"][0:1, :] - _widen(r["kv_pos"][...], bq), cfg)
     return vis
 
 
@@ -177,7 +195,7 @@ def _forward_kernel(blocks_ref, counts_ref, ids_ref, fetch_ref, *refs, cfg: Conf
     def body(pattern: bool):
         q, k, v = r["q"][...], r["k"][...], r["v"][...]
         sc, _ = _scores(q, k, cfg)
-        vis = _visible_qk(r["q_seg"], r["kv_seg"], r["pattern"] if pattern else None, bk)
+        vis = _visible_qk(r, pattern, cfg)
         if cfg.sigmoid:
             p = jnp.where(vis, _sigmoid(sc + cfg.sigmoid_bias), 0.0)
             acc_ref[...] += _dot(p.astype(v.dtype), v, _NN)
@@ -223,8 +241,7 @@ def _dq_kernel(blocks_ref, counts_ref, ids_ref, fetch_ref, *refs, cfg: Config, n
     def body(pattern: bool):
         q, k, v, do = r["q"][...], r["k"][...], r["v"][...], r["do"][...]
         sc, t = _scores(q, k, cfg)
-        vis = _visible_qk(r["q_seg"], r["kv_seg"], r["pattern"] if pattern else None,
-                          cfg.block_k)
+        vis = _visible_qk(r, pattern, cfg)
         delta = None
         if cfg.sigmoid:
             p = jnp.where(vis, _sigmoid(sc + cfg.sigmoid_bias), 0.0)
@@ -267,8 +284,7 @@ def _dkv_kernel(blocks_ref, counts_ref, ids_ref, fetch_ref, *refs, cfg: Config, 
     def body(pattern: bool):
         q, k, v, do = r["q"][...], r["k"][...], r["v"][...], r["do"][...]
         sc, tc = _scores(k, q, cfg)                                              # [bk, bq]
-        vis = _visible_kq(r["kv_seg"], r["q_seg"], r["pattern"] if pattern else None,
-                          cfg.block_q)
+        vis = _visible_kq(r, pattern, cfg)
         delta = None
         if cfg.sigmoid:
             p = jnp.where(vis, _sigmoid(sc + cfg.sigmoid_bias), 0.0)
@@ -361,11 +377,13 @@ def _sinks_spec(h):
     return pl.BlockSpec((SUBLANES, h), lambda *_: (0, 0), memory_space=pltpu.SMEM)
 
 
-def forward(q, k, v, q_col, kv_row, patterns, sinks, prefetch, *, slots: int, cfg: Config):
+def forward(q, k, v, q_col, kv_row, patterns, sinks, prefetch, *, slots: int, cfg: Config,
+            pos=(None, None)):
     """q [B,H,Tqp,D], k [B,K,Tkp,D], v [B,K,Tkp,Dv] (compute dtype), q_col int32 [B,Tqp,128],
     kv_row int32 [B,8,Tkp], patterns int32 [P,bq,bk], sinks None | fp32 [8,H], prefetch: the
     flat query-major lists (blocks, counts, ids, fetch) -> (o [B,H,Tqp,Dv] in q.dtype,
-    lse fp32 [B,H,Tqp,128] lane-replicated, None for sigmoid)."""
+    lse fp32 [B,H,Tqp,128] lane-replicated, None for sigmoid). pos: (query positions like
+    q_col, key positions like kv_row) with cfg.positions, else Nones."""
     b, h, tqp, d = q.shape
     dv, bq = v.shape[-1], cfg.block_q
     nq = tqp // bq
@@ -373,6 +391,7 @@ def forward(q, k, v, q_col, kv_row, patterns, sinks, prefetch, *, slots: int, cf
     sp = _query_major(cfg, lists)
     inputs = [("q", q, sp["q"](d)), ("k", k, sp["kv"](d)), ("v", v, sp["kv"](dv)),
               ("q_seg", q_col, sp["q_col"]), ("kv_seg", kv_row, sp["kv_row"]),
+              ("q_pos", pos[0], sp["q_col"]), ("kv_pos", pos[1], sp["kv_row"]),
               ("pattern", patterns, sp["pattern"]),
               ("sinks", sinks, None if sinks is None else _sinks_spec(h))]
     outputs = [("o", jax.ShapeDtypeStruct((b, h, tqp, dv), q.dtype), sp["q"](dv))]
@@ -386,7 +405,7 @@ def forward(q, k, v, q_col, kv_row, patterns, sinks, prefetch, *, slots: int, cf
 
 
 def dq(q, k, v, do, q_col, kv_row, patterns, lse_rows, delta_rows, prefetch, *, slots: int,
-       cfg: Config):
+       cfg: Config, pos=(None, None)):
     """-> dq [B,H,Tqp,D] in q.dtype. lse_rows / delta_rows fp32 [B,H,1,Tqp] (None for
     sigmoid); other arguments as in `forward` (slots: S, the list width)."""
     b, h, tqp, d = q.shape
@@ -396,7 +415,8 @@ def dq(q, k, v, do, q_col, kv_row, patterns, lse_rows, delta_rows, prefetch, *, 
     sp = _query_major(cfg, lists)
     inputs = [("q", q, sp["q"](d)), ("k", k, sp["kv"](d)), ("v", v, sp["kv"](dv)),
               ("do", do, sp["q"](dv)), ("q_seg", q_col, sp["q_col"]),
-              ("kv_seg", kv_row, sp["kv_row"]), ("pattern", patterns, sp["pattern"]),
+              ("kv_seg", kv_row, sp["kv_row"]), ("q_pos", pos[0], sp["q_col"]),
+              ("kv_pos", pos[1], sp["kv_row"]), ("pattern", patterns, sp["pattern"]),
               ("lse", lse_rows, sp["stat_row"]), ("delta", delta_rows, sp["stat_row"])]
     outputs = [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), sp["q"](d))]
     (out,) = _call(_dq_kernel, cfg, (b, h, nq, slots), lists, prefetch, inputs, outputs,
@@ -405,10 +425,11 @@ def dq(q, k, v, do, q_col, kv_row, patterns, lse_rows, delta_rows, prefetch, *, 
 
 
 def dkv(q, k, v, do, kv_col, q_row, patterns_t, lse_rows, delta_rows, prefetch, *, slots: int,
-        cfg: Config):
+        cfg: Config, pos=(None, None)):
     """-> (dk [B,K,Tkp,D], dv [B,K,Tkp,Dv]) in k.dtype / v.dtype, summed over each GQA group.
     kv_col int32 [B,Tkp,128], q_row int32 [B,8,Tqp], patterns_t int32 [P,bk,bq], prefetch:
-    the flat key-major lists (q_blocks, q_counts, q_ids, fetch); slots: Sq."""
+    the flat key-major lists (q_blocks, q_counts, q_ids, fetch); slots: Sq. pos: (key
+    positions like kv_col, query positions like q_row) with cfg.positions."""
     b, h, tqp, d = q.shape
     kvh, tkp, dv = k.shape[1], k.shape[2], v.shape[-1]
     bq, bk, grp = cfg.block_q, cfg.block_k, cfg.group
@@ -430,11 +451,13 @@ def dkv(q, k, v, do, kv_col, q_row, patterns_t, lse_rows, delta_rows, prefetch, 
 
     stat = pl.BlockSpec((None, None, SUBLANES, bq), lambda b, kh, j, t, *pf: (
         b, head(kh, t), 0, q_block(b, kh, j, t, *pf)))
+    k_col = pl.BlockSpec((None, bk, LANES), lambda b, kh, j, t, *pf: (b, j, 0))
+    q_row_spec = pl.BlockSpec((None, SUBLANES, bq), lambda b, kh, j, t, *pf: (
+        b, 0, q_block(b, kh, j, t, *pf)))
     inputs = [
         ("q", q, q_tile(d)), ("k", k, k_tile(d)), ("v", v, k_tile(dv)), ("do", do, q_tile(dv)),
-        ("kv_seg", kv_col, pl.BlockSpec((None, bk, LANES), lambda b, kh, j, t, *pf: (b, j, 0))),
-        ("q_seg", q_row, pl.BlockSpec((None, SUBLANES, bq), lambda b, kh, j, t, *pf: (
-            b, 0, q_block(b, kh, j, t, *pf)))),
+        ("kv_seg", kv_col, k_col), ("q_seg", q_row, q_row_spec),
+        ("kv_pos", pos[0], k_col), ("q_pos", pos[1], q_row_spec),
         ("pattern", patterns_t, pl.BlockSpec((None, bk, bq), lambda b, kh, j, t, bl, c, i, f: (
             _i32(f[lists.slot(b, head(kh, t), j, lax.rem(t, sq))]), 0, 0))),
         ("lse", lse_rows, stat), ("delta", delta_rows, stat)]

@@ -419,8 +419,9 @@ def test_describe_names_every_option_and_kernel():
                               knock_heads="qkv", qk_norm=True)
     text = _mixer(cfg).describe()
     for part in ("gate=headwise", "sinks", "head_windows=[64, full]", "knock_heads=qkv", "qk_norm",
-                 "impl=auto"):
+                 "impl=auto: xla (xla blocked"):
         assert part in text, text
+    assert "impl=gpu (Pallas Triton)" in _mixer(BASE, impl="gpu").describe()
     sig = _mixer(dataclasses.replace(BASE, score="sigmoid", sigmoid_length=1024)).describe()
     assert "score=sigmoid(b=-6.931)" in sig, sig
     for sparse, kernel in ((None, "Pallas Triton"), ("gpu", "Pallas Triton"), ("tpu", "Pallas Mosaic"),

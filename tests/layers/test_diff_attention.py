@@ -272,7 +272,7 @@ def test_init_flops_and_describe():
     np.testing.assert_array_equal(w["head_norm.scale"], np.ones(128))
     assert abs(float(m.lambda_()) - 0.8) < 0.2
     assert m.describe() == ("differential attention H=2 KV=1 D=64 (values 128), full causal, "
-                            "lambda_init=0.8, impl=xla")
+                            "lambda_init=0.8, impl=xla (xla blocked, no Pallas kernel)")
     # By hand, d = 32, H = 4, K = 2, D = 4, T = 8: projections 2 * 32 * (32 + 16 + 16 + 32) = 6144;
     # full causal sees 4.5 keys on average; two maps: 2 * (2 H D + 2 H 2 D) = 192 FLOPs per key.
     assert DiffAttention.flops_per_token(GQA, 32, 8) == 3 * (6144 + 192 * 4.5)

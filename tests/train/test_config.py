@@ -87,7 +87,7 @@ def test_data_fields_of_another_source_are_refused(overrides, message):
 
 @pytest.mark.parametrize("override, message", [
     ("runtime.attention_impl=flash",
-     "runtime.attention_impl: 'flash' is not accepted; choose one of ['xla', 'reference', 'block_sparse'] or null"),
+     "runtime.attention_impl: 'flash' is not accepted; choose one of ['xla', 'reference', 'gpu', 'tpu', 'block_sparse'] or null"),
     ("model.vocab_size=x", "model.vocab_size: expected an int or null, got 'x'"),
     ("optimizer.grad_clip=abc", "optimizer.grad_clip: expected a float or null, got 'abc'"),
 ])
