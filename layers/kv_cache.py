@@ -31,9 +31,22 @@ def kv_cache_update(cache: dict, k, v, segment_ids, positions):
     k, v: [B, T, Hkv, D]; segment_ids, positions: [B, T]. The keys to attend to are the old
     cache followed by the new tokens ([B, S + T, ...]), so a prefill longer than a ring buffer
     still sees all of its own tokens; the new cache keeps the last S of them.
+
+    One token (a decode step): written in place at slot index % S, and the keys to attend to
+    are the updated cache itself ([B, S, ...]): no copy of the cache per token. The slot it
+    overwrites held the token S steps back, which a ring of S = window slots no longer shows
+    to this query (and a full cache holds nothing there), so the keys are the same set.
     """
     size = cache["k"].shape[1]
     t = k.shape[1]
+    if t == 1:
+        slot = cache["index"] % size
+        new = {"index": cache["index"] + 1}
+        for name, val in (("k", k), ("v", v), ("segment_ids", segment_ids),
+                          ("positions", positions)):
+            new[name] = jax.lax.dynamic_update_slice_in_dim(
+                cache[name], val.astype(cache[name].dtype), slot, axis=1)
+        return {n: new[n] for n in ("k", "v", "segment_ids", "positions")}, new
     keys = {
         "k": jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1),
         "v": jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1),

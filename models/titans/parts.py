@@ -92,9 +92,8 @@ class PrefixAttention(nnx.Module):
         if pkv is not None:
             branches.append(attend.persistent_branch(q, *pkv, segment_ids))
         if cache is not None:
-            size = cache["k"].shape[1]
-            keys, cache = kv_cache_update(cache, k, v, segment_ids, positions)
-            old = {name: a[:, :size] for name, a in keys.items()}  # the slots before this call
+            old = {name: cache[name] for name in ("k", "v", "segment_ids", "positions")}
+            _, cache = kv_cache_update(cache, k, v, segment_ids, positions)
             branches.append(attend.cache_branch(q, old, segment_ids, positions, window=self.window))
         o, _ = attend.merge(branches)
         return self.o_proj(o.reshape(b, t, self.heads * self.head_dim)), cache
