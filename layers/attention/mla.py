@@ -96,16 +96,18 @@ def expanded_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, *, scale, **attn_kw
     return attention(q, k, v, scale=scale, **attn_kw), (q, k)
 
 
-def absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, *, scale, **attn_kw):
+def absorbed_attention(q_nope, q_rope, latent, w_kv_b, *, scale, **attn_kw):
     """The same as `expanded_attention` computed in the latent space: W_uk folded into the
-    query, one shared kv head (keys [c_kv ; k_rope], values c_kv), W_uv folded into the
-    output. Arguments as `expanded_attention`'s; returns o [B, Tq, H, v]."""
+    query, one shared kv head (keys latent = [c_kv ; k_rope] [B, Tk, r + p], as the cache
+    holds them, values its first r channels, c_kv), W_uv folded into the output. Other
+    arguments as `expanded_attention`'s; returns o [B, Tq, H, v]."""
     n = q_nope.shape[-1]
+    r = w_kv_b.shape[0]
     w_uk, w_uv = w_kv_b[..., :n], w_kv_b[..., n:]  # [r, H, n], [r, H, v]
     q_lat = constrain(jnp.einsum("bthn,rhn->bthr", q_nope, w_uk), HEADS)
     q = jnp.concatenate([q_lat, q_rope], -1)  # [B, Tq, H, r + p]
-    keys = jnp.concatenate([c_kv, k_rope], -1)[:, :, None, :]  # [B, Tk, 1, r + p]
-    o_lat = attention(q, keys, c_kv[:, :, None, :], scale=scale, **attn_kw)  # [B, Tq, H, r]
+    keys = latent[:, :, None, :]  # [B, Tk, 1, r + p]
+    o_lat = attention(q, keys, keys[..., :r], scale=scale, **attn_kw)  # [B, Tq, H, r]
     return constrain(jnp.einsum("bthr,rhv->bthv", o_lat, w_uv), HEADS)
 
 
@@ -178,22 +180,25 @@ class MLA(nnx.Module):
             # attention mixer sows them; the diagnostics suite measures kind "attention" only.
             self.sow(nnx.Intermediate, "qk", (q, k), capture_noop=True)
         else:
-            # The cache is kv_cache's with one kv head: "k" holds c_kv [B, S, 1, r] and "v"
-            # k_rope [B, S, 1, p].
-            keys, cache = kv_cache_update(cache, c_kv[:, :, None], k_rope[:, :, None], segment_ids, positions)
+            # The cache is kv_cache's with one kv head: "k" holds the latent [c_kv ; k_rope]
+            # [B, S, 1, r + p], the absorbed keys as they are (no per-step concatenation of
+            # the cache), and "v" is empty [B, S, 1, 0].
+            latent = jnp.concatenate([c_kv, k_rope], -1)[:, :, None]
+            keys, cache = kv_cache_update(cache, latent, latent[..., :0], segment_ids, positions)
             kw.update(kv_segment_ids=keys["segment_ids"], kv_positions=keys["positions"])
-            all_c, all_r = keys["k"][:, :, 0].astype(self.dtype), keys["v"][:, :, 0].astype(self.dtype)
+            all_lat = keys["k"][:, :, 0].astype(self.dtype)  # [B, S', r + p]
             if absorbed_is_cheaper(t, self.nope, self.rope, self.v_dim, self.rank):
-                o = absorbed_attention(q_nope, q_rope, all_c, all_r, w, **kw)
+                o = absorbed_attention(q_nope, q_rope, all_lat, w, **kw)
             else:
-                o, _ = expanded_attention(q_nope, q_rope, all_c, all_r, w, **kw)
+                r = self.rank
+                o, _ = expanded_attention(q_nope, q_rope, all_lat[..., :r], all_lat[..., r:], w, **kw)
         return self.o_proj(o.reshape(b, t, self.heads * self.v_dim)), cache
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-        """The latent cache (layers/kv_cache.py's layout with one kv head): "k" = c_kv
-        [B, S, 1, r], "v" = k_rope [B, S, 1, p], segment_ids, positions [B, S], index."""
-        cache = init_kv_cache(batch, max_len, 1, self.rank, dtype)
-        cache["v"] = jnp.zeros((batch, max_len, 1, self.rope), dtype)
+        """The latent cache (layers/kv_cache.py's layout with one kv head): "k" = [c_kv ; k_R]
+        [B, S, 1, r + p], "v" empty [B, S, 1, 0], segment_ids, positions [B, S], index."""
+        cache = init_kv_cache(batch, max_len, 1, self.rank + self.rope, dtype)
+        cache["v"] = jnp.zeros((batch, max_len, 1, 0), dtype)
         return cache
 
     @staticmethod

@@ -203,7 +203,7 @@ def test_prefill_then_steps_equal_parallel_form(name):
     chunks = [13, 3, 1, 1]
     assert not absorbed_is_cheaper(13, *dims) and absorbed_is_cheaper(3, *dims)
     cache = m.init_cache(2, x.shape[1])
-    assert cache["k"].shape == (2, 18, 1, m.rank) and cache["v"].shape == (2, 18, 1, m.rope)
+    assert cache["k"].shape == (2, 18, 1, m.rank + m.rope) and cache["v"].shape == (2, 18, 1, 0)
     outs, start = [], 0
     for c in chunks:
         sl = slice(start, start + c)
@@ -228,7 +228,8 @@ def test_absorbed_equals_expanded_on_a_scrambled_cache():
     pos = jnp.asarray([[2, 4, 5], [1, 3, 0]], jnp.int32)
     kw = dict(scale=1 / math.sqrt(n + p), segment_ids=seg, positions=pos, kv_segment_ids=kv_seg,
               kv_positions=kv_pos)
-    absorbed = jax.jit(lambda *a: absorbed_attention(*a, **kw))(q_nope, q_rope, c_kv, k_rope, w)
+    latent = jnp.concatenate([c_kv, k_rope], -1)
+    absorbed = jax.jit(lambda *a: absorbed_attention(*a, **kw))(q_nope, q_rope, latent, w)
     expanded, (q, k) = jax.jit(lambda *a: expanded_attention(*a, **kw))(q_nope, q_rope, c_kv, k_rope, w)
     assert absorbed.shape == expanded.shape == (b, tq, h, v) and k.shape == (b, s, h, n + p)
     np.testing.assert_allclose(np.asarray(absorbed), np.asarray(expanded), rtol=1e-5, atol=1e-5)
