@@ -156,7 +156,8 @@ class DiffAttention(nnx.Module):
     def describe(self) -> str:
         c, rt = self.cfg, self.runtime
         impl = describe_implementation(
-            None if rt.attention_impl == "block_sparse" else rt.attention_impl)
+            None if rt.attention_impl == "block_sparse" else rt.attention_impl,
+            ((self.head_dim, 2 * self.head_dim),))
         return (f"differential attention H={self.heads} KV={self.kv_heads} D={self.head_dim} "
                 f"(values {2 * self.head_dim}), "
                 + ("full causal" if c.window is None else f"window={c.window}")

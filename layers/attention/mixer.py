@@ -354,5 +354,6 @@ class Attention(nnx.Module):
             parts.append(f"impl=block_sparse/{rt.sparse_attention_impl or 'auto'} "
                          f"(training/prefill: block_sparse_attention {kernel}; decode: attention op)")
         else:
-            parts.append(f"impl={describe_implementation(rt.attention_impl)}")
+            hd = self.head_dim
+            parts.append(f"impl={describe_implementation(rt.attention_impl, ((hd, hd),))}")
         return ", ".join(parts)

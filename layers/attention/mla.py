@@ -225,8 +225,10 @@ class MLA(nnx.Module):
         c, rt = self.cfg, self.runtime
         mla, mha = self.cache_bytes()
         q = "q from x" if c.q_lora_rank is None else f"q_rank={c.q_lora_rank}"
+        # training / prefill attend expanded (n + p, v); cached calls absorbed (r + p, r)
         impl = describe_implementation(
-            None if rt.attention_impl == "block_sparse" else rt.attention_impl)
+            None if rt.attention_impl == "block_sparse" else rt.attention_impl,
+            ((self.nope + self.rope, self.v_dim), (self.rank + self.rope, self.rank)))
         over = 2 * self.rank + self.rope - (self.nope + self.rope + self.v_dim)
         absorbed = ("cached calls absorbed" if over <= 0 else
                     f"cached calls of < {-(-self.rank * (self.nope + self.v_dim) // over)} tokens absorbed")

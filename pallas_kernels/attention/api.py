@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import dispatch
 from pallas_kernels import pallas_wrappers as pw
-from pallas_kernels.attention import reference, xla
+from pallas_kernels.attention import pallas, reference, xla
 from pallas_kernels.scores import check_score_options
 
 OP = "attention"
@@ -48,13 +48,11 @@ OP_LSE = "attention_with_lse"
 
 dispatch.register(OP, "xla", xla.attention)
 dispatch.register(OP, "reference", reference.attention)
-try:
-    from pallas_kernels.attention import pallas
-except ImportError as e:  # an installation without Pallas still has xla and reference
-    logging.getLogger("chimera.kernels").info("%s: Pallas kernels unavailable: %s", OP, e)
-else:
-    dispatch.register(OP, "gpu", pallas.attention_gpu)
-    dispatch.register(OP, "tpu", pallas.attention_tpu)
+for _backend in pw.PALLAS:  # each on its own: a failed Mosaic import keeps Triton, and back
+    try:
+        dispatch.register(OP, _backend, pallas.implementation(_backend))
+    except ImportError as e:  # an installation without Pallas still has xla and reference
+        logging.getLogger("chimera.kernels").info("%s: %r unavailable: %s", OP, _backend, e)
 dispatch.set_order(OP, ("xla", "reference"))
 dispatch.set_order(OP, ("gpu", "xla", "reference"), platform="gpu")
 dispatch.set_order(OP, ("tpu", "xla", "reference"), platform="tpu")
@@ -67,17 +65,27 @@ KERNELS = {"gpu": "Pallas Triton", "tpu": "Pallas Mosaic", "xla": "xla blocked, 
            "reference": "dense reference, no Pallas kernel"}
 
 
-def describe_implementation(implementation: str | None) -> str:
+def describe_implementation(implementation: str | None, head_dims=None) -> str:
     """One line for a layer's start-up log: what `attention(..., implementation=...)` runs on
     the platform being compiled for, e.g. "auto: gpu (Pallas Triton; xla where it refuses)"
-    or "xla (xla blocked, no Pallas kernel)". The exact choice per call is logged by
-    `dispatch` on "chimera.kernels" at the first trace."""
+    or "xla (xla blocked, no Pallas kernel)". head_dims: the layer's (D, Dv) pairs, so that
+    a Pallas kernel refusing them is named as not serving the layer (e.g. "auto: xla (Pallas
+    Triton refuses head dims 192/64)"). The exact choice per call is logged by `dispatch` on
+    "chimera.kernels" at the first trace."""
     if implementation is not None:
         return f"{implementation} ({KERNELS.get(implementation, implementation)})"
     names = [n for n in dispatch.order(OP) if n in dispatch.implementations(OP)]
     first, rest = names[0], names[1:]
-    fallback = f"; {rest[0]} where it refuses" if first in pw.PALLAS and rest else ""
-    return f"auto: {first} ({KERNELS.get(first, first)}{fallback})"
+    if first in pw.PALLAS and rest:
+        refused = [f"{d}/{dv}" for d, dv in head_dims or ()
+                   if pallas.head_dims_refusal(first, d, dv)]
+        if refused and len(refused) == len(head_dims):
+            return f"auto: {rest[0]} ({KERNELS[first]} refuses head dims {', '.join(refused)})"
+        if refused:
+            return (f"auto: {first} ({KERNELS[first]}; {rest[0]} for head dims "
+                    f"{', '.join(refused)})")
+        return f"auto: {first} ({KERNELS[first]}; {rest[0]} where it refuses)"
+    return f"auto: {first} ({KERNELS.get(first, first)})"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -118,8 +126,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         mode, e.g. on CPU for tests.
 
     Key j is visible to query i iff seg_q[i] == seg_k[j] != 0, pos_k[j] <= pos_q[i] and
-    pos_q[i] - pos_k[j] < window. In self-attention, positions must strictly increase along
-    each document (the blocked path skips blocks by index). Scores, softmax statistics and
+    pos_q[i] - pos_k[j] < window. In self-attention, within a document pos_q[i] - pos_k[j] >=
+    i - j must hold (each document's tokens contiguous in the row with strictly increasing
+    positions, as packing lays them out): the blocked and Pallas paths skip blocks by index.
+    Scores, softmax statistics and
     accumulation are float32. A query without any visible key returns exactly 0.
 
     Returns:

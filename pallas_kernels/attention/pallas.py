@@ -16,24 +16,44 @@ successor) for both ops.
 
 Layouts (built on the host, cached per shape):
 * self-attention (no kv ids): causal, or sliding-window W, by token index. The op's contract
-  (positions strictly increase along each document) makes it a superset of the visible keys:
-  inside a document, index distance <= position distance, so a key the positions allow is in
-  a listed block; blocks above the diagonal or left of the window are never visited.
+  (within a document, index distance <= position distance: contiguous documents with
+  strictly increasing positions) makes it a superset of the visible keys, so a key the
+  positions allow is in a listed block; blocks above the diagonal or left of the window are
+  never visited.
 * KV cache (kv ids given): slots in any order (ring buffers), so every block is listed and the
   positions alone decide; decode attends over the whole cache anyway.
 Blocks: the op's block_q / block_k (hints), at most the sequence, rounded up to what the
 kernels tile (powers of two >= 16 for Triton, multiples of 128 for Mosaic); the kernels pad
 the sequence to whole blocks.
 
-Refusals (NotImplementedError before any work, so `dispatch` falls back to xla when no
-implementation was named): the block-sparse kernels' own (platform unless interpret=True,
-head dims, block sizes, VMEM / SMEM budgets), see their module docstrings.
+Refusals (NotImplementedError before any kernel runs; only the cached host-side layout is
+built first, so `dispatch` falls back to xla when no implementation was named): the
+block-sparse kernels' own (platform unless interpret=True, head dims, block sizes, VMEM /
+SMEM budgets), see their module docstrings.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 
-from pallas_kernels.block_sparse_attention import gpu, masks, tpu
+from pallas_kernels.block_sparse_attention import masks
+
+
+def kernels(backend: str):
+    """The block-sparse kernels module of `backend` ("gpu" or "tpu"); ImportError when this
+    installation's Pallas lacks it."""
+    return importlib.import_module(f"pallas_kernels.block_sparse_attention.{backend}")
+
+
+def head_dims_refusal(backend: str, d: int, dv: int) -> str | None:
+    """Why `backend`'s kernels refuse head dims D = d, Dv = dv, or None."""
+    if backend == "gpu":
+        ok = kernels("gpu").HEAD_DIMS
+        return None if d in ok and dv in ok else f"Triton head dims must be in {list(ok)}"
+    tpu = kernels("tpu")
+    if all(x % tpu.LANES == 0 and x <= tpu.MAX_HEAD_DIM for x in (d, dv)):
+        return None
+    return f"Mosaic head dims must be multiples of {tpu.LANES} up to {tpu.MAX_HEAD_DIM}"
 
 def _block(block: int, length: int, backend: str) -> int:
     """The kernels' block for the op's `block` hint over `length` tokens: at most the sequence
@@ -58,16 +78,18 @@ def _attention(backend: str, q, k, v, q_segment_ids, q_positions, kv_segment_ids
                kv_positions, *, window, logit_softcap, scale, index_causal, block_q, block_k,
                sinks=None, score="softmax", sigmoid_bias=0.0, interpret=False):
     """The op (arguments as in xla.attention) through backend "gpu" or "tpu"."""
-    kernels = gpu if backend == "gpu" else tpu
     tq, tk = q.shape[1], k.shape[1]
     layout = _layout(bool(index_causal), window, tq, tk, _block(int(block_q), tq, backend),
                      _block(int(block_k), tk, backend))
-    o, _ = kernels.block_sparse_attention(
+    o, _ = kernels(backend).block_sparse_attention(
         q, k, v, layout, q_segment_ids, kv_segment_ids, sinks, score=score,
         sigmoid_bias=sigmoid_bias, logit_softcap=logit_softcap, scale=scale,
         positions=(q_positions, kv_positions), window=window, interpret=interpret)
     return o
 
 
-attention_gpu = functools.partial(_attention, "gpu")
-attention_tpu = functools.partial(_attention, "tpu")
+def implementation(backend: str):
+    """The op's implementation on `backend` ("gpu" / "tpu"); ImportError when its kernels
+    cannot be imported here."""
+    kernels(backend)
+    return functools.partial(_attention, backend)

@@ -25,7 +25,7 @@ padded lengths, G = H / K query heads per kv head):
                 kv_count []; lse,
                 delta [TQ]; sinks [H].
   dkv:          q, do [Tqp, G, D|Dv] (whole row of the group's heads); k, v, dk, dv
-                [TK, D|Dv]; q_seg [Tqp]; kv_seg [TK]; lse, delta [G, Tqp]; q_blocks,
+                [TK, D|Dv]; q_seg, q_pos [Tqp]; kv_seg, kv_pos [TK]; lse, delta [G, Tqp]; q_blocks,
                 q_mask_ids [G, Sq] (per-head layout) or [Sq] (shared); q_counts [G] or [].
   all:          patterns int8 [P, bq, bk].
 Every loaded / stored value is [TQ|QC, KC|TK], [TQ|QC|KC|TK, D], a vector of those or a

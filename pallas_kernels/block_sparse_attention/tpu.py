@@ -93,10 +93,11 @@ def refusal(q, k, v, layout, interpret: bool) -> str | None:
 
 
 def _vmem_estimate(bq: int, bk: int, d: int, dv: int, itemsize: int) -> int:
-    """Bytes of VMEM of the dkv kernel (the largest): double-buffered input and output blocks,
-    fp32 accumulators and about six fp32 [bk, bq] temporaries (scores, p, dp, ds, masks)."""
-    inputs = (bq * d + bk * d + bk * dv + bq * dv) * itemsize + 4 * (bq * bk + bk * LANES
-                                                                      + 3 * 8 * bq)
+    """Bytes of VMEM of the dkv kernel (the largest): double-buffered input and output blocks
+    (positions counted, as the attention op passes them), fp32 accumulators and about six
+    fp32 [bk, bq] temporaries (scores, p, dp, ds, masks)."""
+    inputs = (bq * d + bk * d + bk * dv + bq * dv) * itemsize + 4 * (bq * bk + 2 * bk * LANES
+                                                                      + 4 * 8 * bq)
     outputs = bk * (d + dv) * itemsize
     return 2 * (inputs + outputs) + 4 * bk * (d + dv) + 6 * 4 * bq * bk
 
@@ -241,11 +242,11 @@ def _prefetch(blocks, counts, ids, n_other: int, patterns: int):
 
 # ----------------------------------------------------------------------------- custom_vjp
 
-def _col(ids, lanes=LANES):
+def _col(ids):
     """int32 [B, T] -> lane-replicated [B, T, 128] (None stays None)."""
     if ids is None:
         return None
-    return jax.lax.broadcast_in_dim(ids, (ids.shape[0], ids.shape[1], lanes), (0, 1))
+    return jax.lax.broadcast_in_dim(ids, (ids.shape[0], ids.shape[1], LANES), (0, 1))
 
 
 def _row(ids):

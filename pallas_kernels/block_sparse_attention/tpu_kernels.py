@@ -10,6 +10,7 @@ Per grid step a kernel sees (bq / bk block sizes, D / Dv head dims, cd the compu
     key segment ids as a sublane-replicated row [8, bk], the block's pattern [bq, bk] int32;
   key-major kernel (dkv): the transposed forms ([bk, 128] key column, [8, bq] query row,
     pattern [bk, bq]), so that every product is NN or NT and no tile is ever transposed;
+  with cfg.positions, positions (q_pos, kv_pos) in the same layouts as the segment ids;
   per-query statistics (lse, Delta) as rows: [1, bq] in dq (read as a column through a 1-D
     load), sublane-replicated [8, bq] in dkv.
 Softmax state (running max m, sum l) is kept lane-replicated [bq, 128] in VMEM scratch and

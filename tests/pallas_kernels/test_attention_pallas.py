@@ -159,6 +159,20 @@ def test_named_pallas_implementation_refuses_loudly_off_its_platform():
         run("xla", case, q, k, v, seg, pos, interpret=True)
 
 
+def test_start_up_line_names_the_kernel_for_the_layers_head_dims(monkeypatch):
+    from pallas_kernels.attention.api import describe_implementation
+    assert describe_implementation(None, ((16, 16),)) == "auto: xla (xla blocked, no Pallas kernel)"
+    monkeypatch.setattr(dispatch, "target_platform", lambda: "gpu")
+    assert describe_implementation(None, ((64, 128),)) == \
+        "auto: gpu (Pallas Triton; xla where it refuses)"
+    assert describe_implementation(None, ((192, 64), (576, 512))) == \
+        "auto: xla (Pallas Triton refuses head dims 192/64, 576/512)"
+    assert describe_implementation("tpu") == "tpu (Pallas Mosaic)"
+    monkeypatch.setattr(dispatch, "target_platform", lambda: "tpu")
+    assert describe_implementation(None, ((128, 256), (64, 64))) == \
+        "auto: tpu (Pallas Mosaic; xla for head dims 64/64)"
+
+
 # ----------------------------------------------------------------------------- lowering
 
 def _specs(b, t, h, kvh, d, dv, dtype):
