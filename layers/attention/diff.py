@@ -55,7 +55,8 @@ from layers.registry import LayerContext, register_mixer
 from layers.rope import apply_rope
 from layers.sharding import constrain, param
 from layers.attention.mixer import HEADS, mean_visible
-from pallas_kernels.attention.api import attention, describe_implementation
+from layers.attention.op import attend
+from pallas_kernels.attention.api import describe_implementation
 
 PAIRS = ("batch", "seq", "act_heads", None, None)  # [B, T, heads, 2, D]: a head's two maps
 LAMBDA_STD = 0.1  # std of the lambda re-parameterisation vectors (the paper's init)
@@ -124,8 +125,8 @@ class DiffAttention(nnx.Module):
             k = keys["k"].reshape(b, -1, kvh, 2, hd)
             v = keys["v"]
             kw.update(kv_segment_ids=keys["segment_ids"], kv_positions=keys["positions"])
-        o1 = attention(q1, k[:, :, :, 0], v, **kw)  # [B, T, H, 2 D]
-        o2 = attention(q2, k[:, :, :, 1], v, **kw)
+        o1 = attend(q1, k[:, :, :, 0], v, **kw)  # [B, T, H, 2 D]
+        o2 = attend(q2, k[:, :, :, 1], v, **kw)
         o = o1.astype(jnp.float32) - self.lambda_() * o2.astype(jnp.float32)
         o = constrain(self.head_norm(o) * (1.0 - self.cfg.lambda_init), HEADS)
         return self.o_proj(o.reshape(b, t, h * 2 * hd).astype(x.dtype)), cache

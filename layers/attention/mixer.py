@@ -84,7 +84,8 @@ from layers.norm import RMSNorm
 from layers.registry import LayerContext, register_mixer
 from layers.rope import apply_rope
 from layers.sharding import constrain, param
-from pallas_kernels.attention.api import attention, describe_implementation
+from layers.attention.op import attend
+from pallas_kernels.attention.api import describe_implementation
 from pallas_kernels.block_sparse_attention import masks
 from pallas_kernels.block_sparse_attention.api import block_sparse_attention
 from layers.attention.config import AttentionConfig
@@ -259,7 +260,7 @@ class Attention(nnx.Module):
                 own = cache[name] if name else {n: a for n, a in cache.items() if n != "conv"}
                 keys, own = kv_cache_update(own, kg, vg, segment_ids, positions)
                 new_cache.update({name: own} if name else own)
-                og = attention(qg, keys["k"], keys["v"], segment_ids=segment_ids,
+                og = attend(qg, keys["k"], keys["v"], segment_ids=segment_ids,
                                positions=positions, kv_segment_ids=keys["segment_ids"],
                                kv_positions=keys["positions"], window=window, **opts, **blocks)
             elif block_sparse:
@@ -267,7 +268,7 @@ class Attention(nnx.Module):
                 og, _ = block_sparse_attention(qg, kg, vg, lay, segment_ids=segment_ids,
                                                implementation=rt.sparse_attention_impl, **opts)
             else:
-                og = attention(qg, kg, vg, segment_ids=segment_ids, positions=positions,
+                og = attend(qg, kg, vg, segment_ids=segment_ids, positions=positions,
                                window=window, **opts, **blocks)
             outs.append(og)
         o = self._merge_heads(outs)

@@ -71,7 +71,8 @@ from layers.registry import LayerContext, register_mixer
 from layers.rope import apply_rope
 from layers.sharding import constrain
 from layers.attention.mixer import HEADS, mean_visible
-from pallas_kernels.attention.api import attention, describe_implementation
+from layers.attention.op import attend
+from pallas_kernels.attention.api import describe_implementation
 
 LATENT = ("batch", "seq", None)  # [B, T, r] latents (not split by heads)
 
@@ -93,7 +94,7 @@ def expanded_attention(q_nope, q_rope, c_kv, k_rope, w_kv_b, *, scale, **attn_kw
     k_nope, v = constrain(kv[..., :n], HEADS), constrain(kv[..., n:], HEADS)
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], (b, tk, h, k_rope.shape[-1]))], -1)
     q = jnp.concatenate([q_nope, q_rope], -1)
-    return attention(q, k, v, scale=scale, **attn_kw), (q, k)
+    return attend(q, k, v, scale=scale, **attn_kw), (q, k)
 
 
 def absorbed_attention(q_nope, q_rope, latent, w_kv_b, *, scale, **attn_kw):
@@ -107,7 +108,7 @@ def absorbed_attention(q_nope, q_rope, latent, w_kv_b, *, scale, **attn_kw):
     q_lat = constrain(jnp.einsum("bthn,rhn->bthr", q_nope, w_uk), HEADS)
     q = jnp.concatenate([q_lat, q_rope], -1)  # [B, Tq, H, r + p]
     keys = latent[:, :, None, :]  # [B, Tk, 1, r + p]
-    o_lat = attention(q, keys, keys[..., :r], scale=scale, **attn_kw)  # [B, Tq, H, r]
+    o_lat = attend(q, keys, keys[..., :r], scale=scale, **attn_kw)  # [B, Tq, H, r]
     return constrain(jnp.einsum("bthr,rhv->bthv", o_lat, w_uv), HEADS)
 
 
