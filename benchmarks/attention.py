@@ -1,93 +1,138 @@
-"""Time the attention implementations: forward and forward+backward, jit'd, median of a few runs.
+"""The attention op's implementations against each other and against cuDNN flash attention:
+forward, and forward + backward, per score option, interleaved in one run.
 
-    python benchmarks/attention.py [--runs 5] [--dtype float32] [--block-q 128] [--block-k 128]
-                                   [--impls reference,xla] [--lengths 256,1024,2048,4096]
+    python benchmarks/attention.py                                   # CPU: xla (and reference)
+    python benchmarks/attention.py --lengths 2048,8192,16384 --window 1024   # on a GPU
 
-Prints one row per (shape, window) with the seconds of each implementation and the ratio
-reference / xla (> 1: xla is faster). Reference runs whose [B, H, T, T] float32 scores would
-exceed --max-dense-gib are left out ("-"). No asserts: this is for reading, not for CI.
+Candidates per row: every implementation of `pallas_kernels.attention` that serves the call on
+this platform ("gpu" Pallas Triton or "tpu" Pallas Mosaic, "xla"; "reference" only up to
+--reference-max tokens: it builds T x T arrays), and on a GPU `jax.nn.dot_product_attention(
+implementation="cudnn")` where cuDNN computes the same function (plain causal softmax, and a
+sliding window through local_window_size; it has no sinks or sigmoid scores). Inputs are one
+document per row (positions 0..T-1), B x T x H query heads over K kv heads of D.
+
+Columns: ms (median over bursts of each burst's fastest call), TFLOP/s from the causal FLOPs
+(4 B H D x visible pairs forward; forward + backward counted as 3x forward, this repository's
+convention) and `/ first`, the median per-burst time ratio against the row's first candidate
+(> 1: slower). No asserts: for reading, not CI.
 """
 from __future__ import annotations
 
 import argparse
+import math
+
+from timing import interleaved, ms, print_rows, ratio, table  # noqa: I001 (sets the allocator first)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.attention.api import attention
-from timing import median_seconds  # benchmarks/timing.py
+from pallas_kernels import dispatch
+from pallas_kernels.attention.api import OP, attention
 
-SHAPES = ((8, 4, 64), (1, 8, 64))  # (B, H, D); kv heads = H
-WINDOWS = (None, 256)
-
-
-def _functions(impl: str, window, block_q: int, block_k: int):
-    """jit'd forward and forward+backward (value_and_grad of sum(out * w) w.r.t. q, k, v)."""
-    def fwd(q, k, v, seg, pos):
-        return attention(q, k, v, segment_ids=seg, positions=pos, window=window,
-                         implementation=impl, block_q=block_q, block_k=block_k)
-
-    def loss(q, k, v, seg, pos, w):
-        return (fwd(q, k, v, seg, pos).astype(jnp.float32) * w).sum()
-
-    return jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+OPTIONS = {   # the score options of each row ("window" takes --window)
+    "plain": {},
+    "window": {"window": None},
+    "sinks": {"sinks": True},
+    "sigmoid": {"score": "sigmoid", "sigmoid_bias": -8.0},
+}
 
 
-def _inputs(b: int, t: int, h: int, d: int, dtype):
-    rng = np.random.default_rng(0)
-    q, k, v, w = (jnp.asarray(rng.normal(size=(b, t, h, d)), dtype) for _ in range(4))
+def visible_pairs(t: int, window: int | None) -> float:
+    w = t if window is None else min(window, t)
+    return w * (w + 1) / 2 + (t - w) * w
+
+
+def candidates(opts: dict, t: int, reference_max: int) -> list[str]:
+    platform = dispatch.target_platform()
+    names = [n for n in ("gpu", "tpu") if n == platform and n in dispatch.implementations(OP)]
+    names.append("xla")
+    if t <= reference_max:
+        names.append("reference")
+    if platform == "gpu" and set(opts) <= {"window"}:
+        names.append("cudnn")
+    return names
+
+
+def make_call(name: str, opts: dict, q, k, v, sinks, backward: bool):
+    """A jitted callable of one candidate: the output, or the gradients of q, k, v (and the
+    sinks) of sum(o * o)."""
+    b, t = q.shape[:2]
     seg = jnp.ones((b, t), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return q, k, v, seg, pos, w.astype(jnp.float32)
+    if name == "cudnn":
+        window = opts.get("window")
+
+        def fwd(q, k, v, s):
+            return jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation="cudnn",
+                local_window_size=None if window is None else (window - 1, 0))
+    else:
+        kw = dict(opts)
+        use_sinks = kw.pop("sinks", False)
+
+        def fwd(q, k, v, s):
+            return attention(q, k, v, segment_ids=seg, positions=pos,
+                             sinks=s if use_sinks else None, implementation=name, **kw)
+    if not backward:
+        f = jax.jit(fwd)
+    else:
+        f = jax.jit(jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32) ** 2),
+                             argnums=(0, 1, 2, 3)))
+    return lambda: f(q, k, v, sinks)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--block-q", type=int, default=128)
-    parser.add_argument("--block-k", type=int, default=128)
-    parser.add_argument("--impls", default="reference,xla")
-    parser.add_argument("--lengths", default="256,1024,2048,4096")
-    parser.add_argument("--max-dense-gib", type=float, default=1.0)
-    args = parser.parse_args()
-    impls = args.impls.split(",")
-    lengths = [int(t) for t in args.lengths.split(",")]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    gpu = dispatch.target_platform() == "gpu"
+    ap.add_argument("--lengths", default="2048,8192" if gpu else "1024,2048")
+    ap.add_argument("--batch", type=int, default=4 if gpu else 1)
+    ap.add_argument("--heads", type=int, default=16 if gpu else 4)
+    ap.add_argument("--kv-heads", type=int, default=8 if gpu else 2)
+    ap.add_argument("--dim", type=int, default=128 if gpu else 64)
+    ap.add_argument("--dtype", default="bfloat16" if gpu else "float32")
+    ap.add_argument("--options", default=",".join(OPTIONS))
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--reference-max", type=int, default=0 if gpu else 1024)
+    ap.add_argument("--bursts", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=3)
+    args = ap.parse_args()
+    b, h, kvh, d = args.batch, args.heads, args.kv_heads, args.dim
     dtype = jnp.dtype(args.dtype)
-
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {args.dtype}, "
-          f"blocks q={args.block_q} k={args.block_k}, median of {args.runs} (seconds)")
-    cols = [f"{i} {m}" for m in ("fwd", "fwd+bwd") for i in impls]
-    ratio = len(impls) == 2
-    header = f"{'B':>2} {'H':>2} {'D':>3} {'T':>5} {'window':>6} | " + " | ".join(f"{c:>15}" for c in cols)
-    if ratio:
-        header += f" | {'fwd x':>6} | {'f+b x':>6}"
-    print(header)
-    print("-" * len(header))
-    for b, h, d in SHAPES:
-        for t in lengths:
-            for window in WINDOWS:
-                if window is not None and window >= t:
-                    continue
-                xs = _inputs(b, t, h, d, dtype)
-                dense_gib = b * h * t * t * 4 / 2**30
-                res = {}
-                for impl in impls:
-                    if impl == "reference" and dense_gib > args.max_dense_gib:
-                        res[impl] = (float("nan"), float("nan"))
+    for backward in (False, True):
+        what = "forward + backward" if backward else "forward"
+        title = (f"attention op, {what}: B={b}, H={h}, K={kvh}, D={d}, {dtype.name}, one "
+                 f"document per row")
+        with table(title, args.bursts, args.calls):
+            rows = []
+            for t in (int(x) for x in args.lengths.split(",")):
+                rng = np.random.default_rng(0)
+                q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
+                k = jnp.asarray(rng.normal(size=(b, t, kvh, d)), dtype)
+                v = jnp.asarray(rng.normal(size=(b, t, kvh, d)), dtype)
+                sinks = jnp.zeros((h,), jnp.float32)
+                for opt in args.options.split(","):
+                    opts = {**OPTIONS[opt], **({"window": args.window} if opt == "window" else {})}
+                    calls = {}
+                    for name in candidates(opts, t, args.reference_max):
+                        try:
+                            calls[name] = make_call(name, opts, q, k, v, sinks, backward)
+                            jax.block_until_ready(calls[name]())
+                        except Exception as e:  # noqa: BLE001 - a candidate may not serve
+                            print(f"  T={t} {opt} {name}: skipped ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:120]})")
+                            calls.pop(name, None)
+                    if not calls:
                         continue
-                    fwd, fwd_bwd = _functions(impl, window, args.block_q, args.block_k)
-                    res[impl] = (median_seconds(fwd, xs[:5], args.runs), median_seconds(fwd_bwd, xs, args.runs))
-                cells = [res[i][m] for m in (0, 1) for i in impls]
-                row = f"{b:>2} {h:>2} {d:>3} {t:>5} {str(window):>6} | " + " | ".join(
-                    f"{c:>15.4f}" if c == c else f"{'-':>15}" for c in cells)
-                if ratio:
-                    a, z = impls
-                    row += " | " + " | ".join(
-                        f"{res[a][m] / res[z][m]:>6.2f}" if res[a][m] == res[a][m] else f"{'-':>6}"
-                        for m in (0, 1))
-                print(row, flush=True)
+                    times = interleaved(calls, args.bursts, args.calls)
+                    flops = 4 * b * h * d * visible_pairs(t, opts.get("window")) * (
+                        3 if backward else 1)
+                    first = next(iter(calls))
+                    for name in calls:
+                        rows.append([f"T={t}", opt, name, f"{ms(times, name):.2f}",
+                                     f"{flops / (ms(times, name) * 1e-3) / 1e12:.3f}",
+                                     f"{ratio(times, name, first):.2f}"])
+            print_rows(["length", "option", "impl", "ms", "TFLOP/s", "/ first"], rows)
 
 
 if __name__ == "__main__":
