@@ -26,6 +26,16 @@ Blocks: the op's block_q / block_k (hints), at most the sequence, rounded up to 
 kernels tile (powers of two >= 16 for Triton, multiples of 128 for Mosaic); the kernels pad
 the sequence to whole blocks.
 
+Compiled, not yet run, for an H100: the Triton IR of forward + backward at B2 x T2048, bf16,
+blocks 128 (pallas_kernels/lowering.py write_triton_kernels, then its __main__ with the triton
+3.9 wheel for sm_90a; 2026-12-07), registers per thread fwd / dq / dkv, no spills in any:
+  D=128, 16 q / 8 kv heads, window 512 + soft-cap + sinks   255 / 246 / 247
+  D=128, sigmoid scores                                   208 / 246 / 242
+  D=64, causal + sinks                                    155 / 169 / 254
+  D=64, Dv=128, sinks                                     233 / 169 / 239
+(the position mask adds up to 27 registers to the block-sparse kernels' 228 / 208 / 239 at
+D=128; shared memory 57-140 KB of the 227 KB a block may have).
+
 Refusals (NotImplementedError before any kernel runs; only the cached host-side layout is
 built first, so `dispatch` falls back to xla when no implementation was named): the
 block-sparse kernels' own (platform unless interpret=True, head dims, block sizes, VMEM /
