@@ -33,8 +33,9 @@ blocks 128 (pallas_kernels/lowering.py write_triton_kernels, then its __main__ w
   D=128, sigmoid scores                                   208 / 246 / 242
   D=64, causal + sinks                                    155 / 169 / 254
   D=64, Dv=128, sinks                                     233 / 169 / 239
-(the position mask adds up to 27 registers to the block-sparse kernels' 228 / 208 / 239 at
-D=128; shared memory 57-140 KB of the 227 KB a block may have).
+(gpu.py's docstring has 228 / 208 / 239 for its kernels without the position mask, causal
+GQA at D=128, measured the same way; shared memory here 57-140 KB of the 227 KB a block may
+have).
 
 Refusals (NotImplementedError before any kernel runs; only the cached host-side layout is
 built first, so `dispatch` falls back to xla when no implementation was named): the
