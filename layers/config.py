@@ -127,8 +127,8 @@ class RuntimeConfig:
     attention_impl: the implementation of `pallas_kernels.attention` for the softmax-attention
       mixers (attn / swa, diff_attention, mla). None tries the best one for the platform: the
       Pallas kernels ("gpu": Triton, "tpu": Mosaic) first, then "xla"; "xla", "reference",
-      "gpu" or "tpu" forces one (and fails loudly if it cannot serve a call). "block_sparse": the softmax
-      attention mixers (attn / swa) compute through the block-sparse op
+      "gpu" or "tpu" forces one (and fails loudly if it cannot serve a call). "block_sparse":
+      the softmax attention mixers (attn / swa) compute through the block-sparse op
       (`pallas_kernels.block_sparse_attention`) with a causal / sliding-window layout, in the
       implementation `sparse_attention_impl` names.
     linear_attention_impl: the same for the ops of the linear-attention mixers,
