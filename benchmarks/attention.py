@@ -19,7 +19,6 @@ convention) and `/ first`, the median per-burst time ratio against the row's fir
 from __future__ import annotations
 
 import argparse
-import math
 
 from timing import interleaved, ms, print_rows, ratio, table  # noqa: I001 (sets the allocator first)
 

@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = [
     "Choice", "register", "set_order", "order", "implementations", "get", "call", "signature",
-    "last", "describe", "target_platform",
+    "last", "describe", "target_platform", "available",
 ]
 
 logger = logging.getLogger("chimera.kernels")
@@ -100,6 +100,12 @@ def order(op: str, platform: str | None = None) -> tuple[str, ...]:
     if _DEFAULT in orders:
         return orders[_DEFAULT]
     return tuple(_impls.get(op, {}))  # no order given: registration order
+
+
+def available(op: str, platform: str | None = None) -> tuple[str, ...]:
+    """`order(op, platform)` without the names not registered in this installation: what
+    `implementation=None` actually tries, first to last."""
+    return tuple(n for n in order(op, platform) if n in _impls.get(op, {}))
 
 
 def implementations(op: str) -> tuple[str, ...]:

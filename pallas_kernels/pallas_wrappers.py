@@ -52,8 +52,7 @@ def dispatch_kwargs(q, k, v, log_decay, initial_state, segment_ids, *, scale: fl
     only when set, since only the Pallas implementations accept it). Raises ValueError for
     interpret=True without a Pallas implementation named: interpret mode with fallback would
     silently run something else."""
-    if interpret and implementation not in PALLAS:
-        raise ValueError(f"interpret=True needs implementation in {list(PALLAS)}, got {implementation!r}")
+    check_interpret(interpret, implementation)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     options = dict(scale=scale, chunk_size=int(chunk_size))
     if interpret:
@@ -65,6 +64,14 @@ def dispatch_kwargs(q, k, v, log_decay, initial_state, segment_ids, *, scale: fl
 
 
 # ----------------------------------------------------------------------------- argument checks
+
+def check_interpret(interpret: bool, implementation: str | None) -> None:
+    """ValueError for interpret=True without a Pallas implementation named: interpret mode with
+    fallback would silently run something else."""
+    if interpret and implementation not in PALLAS:
+        raise ValueError(f"interpret=True needs implementation in {list(PALLAS)}, got "
+                         f"{implementation!r}")
+
 
 def check_segment_ids(segment_ids, b: int, t: int) -> None:
     """Raise ValueError unless segment_ids is None or int [B, T] = [b, t] (0 = padding)."""
@@ -89,23 +96,26 @@ def sum_kv_groups(x, kv_heads: int, axis: int):
 
 # ----------------------------------------------------------------------------- gpu.py (Triton)
 
-target_platform = dispatch.target_platform
+def triton_head_dims_refusal(dk: int, dv: int, head_dims: tuple[int, ...]) -> str | None:
+    """Why Triton kernels tiled for `head_dims` refuse head dims K = dk, V = dv, or None."""
+    if dk not in head_dims or dv not in head_dims:
+        return (f"head dims K={dk}, V={dv} not supported: both must be one of {head_dims} "
+                "(powers of two, Triton tiles)")
+    return None
 
 
 def check_triton_supported(q, v, interpret: bool, head_dims: tuple[int, ...]) -> None:
     """NotImplementedError (with the reason) for calls Pallas Triton kernels do not serve: a
     non-GPU platform unless interpret=True, or head dims K (q) / V (v) not in `head_dims`."""
     if not interpret:
-        platform = target_platform()
+        platform = dispatch.target_platform()
         if platform not in ("gpu", "cuda"):
             raise NotImplementedError(
                 f"Pallas Triton kernels need a GPU backend (platform is {platform!r}); "
                 "pass interpret=True to run them in interpret mode")
-    dk, dv = q.shape[-1], v.shape[-1]
-    if dk not in head_dims or dv not in head_dims:
-        raise NotImplementedError(
-            f"head dims K={dk}, V={dv} not supported: both must be one of {head_dims} "
-            "(powers of two, Triton tiles)")
+    reason = triton_head_dims_refusal(q.shape[-1], v.shape[-1], head_dims)
+    if reason:
+        raise NotImplementedError(reason)
 
 
 def triton_precision(cdt, interpret: bool):

@@ -28,7 +28,7 @@ def runs_pallas(implementation: str | None) -> bool:
     platform being compiled for."""
     if implementation is not None:
         return implementation in pw.PALLAS
-    names = [n for n in dispatch.order(OP) if n in dispatch.implementations(OP)]
+    names = dispatch.available(OP)
     return bool(names) and names[0] in pw.PALLAS
 
 

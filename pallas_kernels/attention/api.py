@@ -74,8 +74,7 @@ def describe_implementation(implementation: str | None, head_dims=None) -> str:
     "chimera.kernels" at the first trace."""
     if implementation is not None:
         return f"{implementation} ({KERNELS.get(implementation, implementation)})"
-    names = [n for n in dispatch.order(OP) if n in dispatch.implementations(OP)]
-    first, rest = names[0], names[1:]
+    first, *rest = dispatch.available(OP)
     if first in pw.PALLAS and rest:
         refused = [f"{d}/{dv}" for d, dv in head_dims or ()
                    if pallas.head_dims_refusal(first, d, dv)]
@@ -135,9 +134,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     Returns:
       [B, Tq, H, Dv] in q.dtype.
     """
-    if interpret and implementation not in pw.PALLAS:
-        raise ValueError(f"interpret=True needs implementation in {list(pw.PALLAS)}, got "
-                         f"{implementation!r}")
+    pw.check_interpret(interpret, implementation)
     return _call(OP, q, k, v, segment_ids, positions, kv_segment_ids, kv_positions, window,
                  logit_softcap, sinks, score, sigmoid_bias, scale, implementation, block_q,
                  block_k, interpret)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import importlib
 
+from pallas_kernels import pallas_wrappers as pw
 from pallas_kernels.block_sparse_attention import masks
 
 
@@ -57,14 +58,11 @@ def kernels(backend: str):
 
 
 def head_dims_refusal(backend: str, d: int, dv: int) -> str | None:
-    """Why `backend`'s kernels refuse head dims D = d, Dv = dv, or None."""
+    """Why `backend`'s kernels refuse head dims D = d, Dv = dv, or None (their own rules)."""
     if backend == "gpu":
-        ok = kernels("gpu").HEAD_DIMS
-        return None if d in ok and dv in ok else f"Triton head dims must be in {list(ok)}"
-    tpu = kernels("tpu")
-    if all(x % tpu.LANES == 0 and x <= tpu.MAX_HEAD_DIM for x in (d, dv)):
-        return None
-    return f"Mosaic head dims must be multiples of {tpu.LANES} up to {tpu.MAX_HEAD_DIM}"
+        return pw.triton_head_dims_refusal(d, dv, kernels("gpu").HEAD_DIMS)
+    return kernels("tpu").head_dims_refusal(d, dv)
+
 
 def _block(block: int, length: int, backend: str) -> int:
     """The kernels' block for the op's `block` hint over `length` tokens: at most the sequence

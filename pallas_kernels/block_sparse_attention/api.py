@@ -80,9 +80,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Blo
     common.check(q, k, v, layout, segment_ids, kv_segment_ids, score=score,
                  sigmoid_bias=sigmoid_bias, logit_softcap=logit_softcap, sinks=sinks,
                  scale=scale)
-    if interpret and implementation not in PALLAS:
-        raise ValueError(f"interpret=True needs implementation in {list(PALLAS)}, got "
-                         f"{implementation!r}")
+    pw.check_interpret(interpret, implementation)
     q_seg, kv_seg = common.segments(q, k, segment_ids, kv_segment_ids)
     options = dict(score=score, sigmoid_bias=float(sigmoid_bias),
                    logit_softcap=None if logit_softcap is None else float(logit_softcap),

@@ -102,6 +102,15 @@ def _vmem_estimate(bq: int, bk: int, d: int, dv: int, itemsize: int) -> int:
     return 2 * (inputs + outputs) + 4 * bk * (d + dv) + 6 * 4 * bq * bk
 
 
+def head_dims_refusal(d: int, dv: int) -> str | None:
+    """Why the Mosaic kernels refuse head dims D = d, Dv = dv (lane tiling), or None."""
+    for name, x in (("D", d), ("Dv", dv)):
+        if x % LANES or x > MAX_HEAD_DIM:
+            return (f"head dim {name}={x} not supported by the Mosaic kernels: accepted "
+                    f"multiples of {LANES} up to {MAX_HEAD_DIM}")
+    return None
+
+
 def shape_refusal(q, k, v, layout) -> str | None:
     """Shape part of `refusal` (independent of the platform); see the module docstring."""
     bq, bk = layout.block_q, layout.block_k
@@ -112,10 +121,9 @@ def shape_refusal(q, k, v, layout) -> str | None:
         if blk % LANES:
             return (f"{name}={blk} not supported by the Mosaic kernels: block sizes must be "
                     f"multiples of {LANES} (TPU lane tiling of the score tiles)")
-    for name, d in (("D", q.shape[-1]), ("Dv", v.shape[-1])):
-        if d % LANES or d > MAX_HEAD_DIM:
-            return (f"head dim {name}={d} not supported by the Mosaic kernels: accepted "
-                    f"multiples of {LANES} up to {MAX_HEAD_DIM}")
+    reason = head_dims_refusal(q.shape[-1], v.shape[-1])
+    if reason:
+        return reason
     n_pat = layout.partial_masks.shape[0]
     for kind, shape, n_other in (("query-major", layout.kv_blocks.shape, layout.num_kv_blocks),
                                  ("key-major", layout.q_blocks.shape, layout.num_q_blocks)):

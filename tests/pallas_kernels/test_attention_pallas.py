@@ -15,8 +15,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,7 +66,6 @@ def _forward_and_grads(impl, case, q, k, v, seg, pos, **kw):
         return out, vjp(ct)
 
     if sinks is None:
-        sinks = jnp.zeros((case.heads,), F32)
         return jax.jit(lambda q, k, v: both(q, k, v, None))(q, k, v)
     return jax.jit(both)(q, k, v, sinks)
 

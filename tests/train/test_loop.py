@@ -2,7 +2,6 @@
 non-finite stops, corrupt checkpoints, and clear errors for bad input."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
