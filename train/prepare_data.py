@@ -257,6 +257,7 @@ def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), 
     docstring."""
     from rich.progress import Progress
 
+    from train.data.documents import splits_by_name
     from train.data.files_source import report_problems
     from train.data.tokenizer import build_tokenizer, tokenizer_identity
     for name, ok, accepted in (("docs-per-shard", docs_per_shard >= 1, ">= 1"),
@@ -284,7 +285,7 @@ def prepare(out: str | Path, source: str = "stdlib", paths: Sequence[str] = (), 
         mode = "tfds" if source == "tfds" else "by_name"
         if source != "tfds":
             n_val = sum(s["validation_by_name"] for s in scans)
-            if n_val == 0 or n_val == n_docs:  # as documents.validation_flags
+            if not splits_by_name(n_val, n_docs, val_fraction):
                 mode = "cut"
         corpus = hashlib.sha256("".join(s["sha256"] for s in scans).encode()).hexdigest()
         plan = {"format": FORMAT, "source": source, "paths": [str(Path(p).absolute()) for p in paths],

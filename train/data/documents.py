@@ -143,9 +143,16 @@ def validation_flags(keys: Sequence[str], val_fraction: float) -> list[bool] | N
     split empty and every document is cut instead (`cut_point`). An empty train split is kept when
     val_fraction > ALL_VALIDATION (every document asked for as validation)."""
     val = [is_validation(k, val_fraction) for k in keys]
-    if keys and (not any(val) or (all(val) and val_fraction <= ALL_VALIDATION)):
-        return None
-    return val
+    return val if splits_by_name(sum(val), len(val), val_fraction) else None
+
+
+def splits_by_name(n_validation: int, n: int, val_fraction: float) -> bool:
+    """Whether a split by name that sends n_validation of n documents to validation is kept
+    (else every document is cut): both splits non-empty, or an empty train split asked for
+    with val_fraction > ALL_VALIDATION. The one rule of the pipeline and prepare_data."""
+    if n == 0:
+        return True
+    return 0 < n_validation and (n_validation < n or val_fraction > ALL_VALIDATION)
 
 
 def cut_point(num_tokens: int, num_bytes: int, val_fraction: float) -> tuple[int, int]:

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from train.config import ConfigError
+from train.data.packing import row_to_example
 
 __all__ = ["ShardError", "ShardSet", "ShardDocuments", "PackedRows", "open_shard_set", "content_plan", "shard_fingerprint",
            "FORMAT", "META_FILE"]
@@ -237,10 +238,8 @@ class PackedRows:
         idx = np.arange(L)
         pos = (idx - np.maximum.accumulate(np.where(new_piece, idx, 0))).astype(np.int32)
         pos[n:] = 0
-        T = self.T
-        return {"inputs": tokens[:T], "targets": tokens[1:], "segment_ids": seg[:T], "positions": pos[:T],
-                "loss_mask": ((seg[1:] == seg[:T]) & (seg[:T] != 0)).astype(np.float32),
-                "source": np.int32(self.source_id)}
+        row = {"tokens": tokens, "tokens_segment_ids": seg, "tokens_positions": pos}
+        return {**row_to_example(row), "source": np.int32(self.source_id)}
 
 
 def describe(sets: Sequence[ShardSet]) -> str:
