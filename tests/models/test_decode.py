@@ -138,9 +138,10 @@ def test_every_registered_mixer_has_a_case():
     assert not missing, f"add a decode case to CASES for: {sorted(c.kind for c in missing)}"
 
 
-# memory_family (30 s) runs in the slow tier: the default tier keeps the Titans decode checks of
-# tests/models/test_titans.py and tests/layers/test_memory_mixer.py (its time budget).
-_SLOW_NAMES = set(SLOW_CASES) | {"memory_family"}
+# memory_family (30 s) and sparse_attention_family (8 s) run in the slow tier: the default tier
+# keeps the Titans decode checks of tests/models/test_titans.py and tests/layers/
+# test_memory_mixer.py, and MoBA's of tests/layers/test_sparse_attention_mixers.py (its budget).
+_SLOW_NAMES = set(SLOW_CASES) | {"memory_family", "sparse_attention_family"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_NAMES else n

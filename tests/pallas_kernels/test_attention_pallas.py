@@ -33,7 +33,8 @@ GPU_CASES = [
          sinks=True, dv=32, q_gain=2.0),
     Case("mqa_sigmoid_bq32_bk64", t=130, heads=4, kv_heads=1, score="sigmoid",
          sigmoid_bias=-2.0, block_q=32, block_k=64),
-    Case("single_doc_short", t=7, heads=2, kv_heads=2, layout="single", sinks=True),
+    pytest.param(SHORT := Case("single_doc_short", t=7, heads=2, kv_heads=2, layout="single",
+                               sinks=True), marks=slow),
 ]
 TPU_CASES = [
     Case("gqa_window_sinks_softcap_dv256", t=200, heads=4, kv_heads=2, window=150, d=128,
@@ -41,9 +42,12 @@ TPU_CASES = [
     pytest.param(Case("mqa_sigmoid", t=150, heads=2, kv_heads=1, d=128, score="sigmoid",
                       sigmoid_bias=-2.0, block_q=128, block_k=128), marks=slow),
 ]
-ROWS = [("gpu", c) for c in GPU_CASES] + [
-    pytest.param("tpu", *c.values, marks=c.marks) if isinstance(c, type(pytest.param(None)))
-    else ("tpu", c) for c in TPU_CASES]
+def _rows(impl, cases):
+    return [pytest.param(impl, *c.values, marks=c.marks) if isinstance(c, type(pytest.param(None)))
+            else (impl, c) for c in cases]
+
+
+ROWS = _rows("gpu", GPU_CASES) + _rows("tpu", TPU_CASES)
 
 
 def _close(name, got, want, tol):
@@ -137,7 +141,7 @@ def test_padding_queries_are_zero():
 def test_pallas_first_on_their_platforms_xla_here():
     assert dispatch.order(OP, "gpu")[:2] == ("gpu", "xla")
     assert dispatch.order(OP, "tpu")[:2] == ("tpu", "xla")
-    case = GPU_CASES[2]
+    case = SHORT
     (q, k, v), seg, pos = make_inputs(case)
     run(None, case, q, k, v, seg, pos)
     choice = dispatch.last(OP)
@@ -146,7 +150,7 @@ def test_pallas_first_on_their_platforms_xla_here():
 
 
 def test_named_pallas_implementation_refuses_loudly_off_its_platform():
-    case = GPU_CASES[2]
+    case = SHORT
     (q, k, v), seg, pos = make_inputs(case)
     with pytest.raises(NotImplementedError, match="need a GPU backend"):
         run("gpu", case, q, k, v, seg, pos)

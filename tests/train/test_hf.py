@@ -349,6 +349,7 @@ def test_transformers_computes_our_logits(exports, tmp_path):
     assert gap > 1e-2 * np.abs(ours).max()
 
 
+@pytest.mark.slow  # 19 s; the default tier checks the import round trip and sharded training apart
 def test_warm_start_trains_from_the_imported_weights_under_a_mesh(exports, tmp_path):
     """train.init_from through the loop, sharded (fsdp x tensor): the first step's loss is the
     loss of the imported model on the first batch, so the weights were loaded, not re-initialised."""
